@@ -1,0 +1,37 @@
+import numpy as np
+
+from training.metrics import ConfusionMatrix, summarize
+
+
+def test_confusion_and_summary_match_hand_example():
+    classes, unseen = ["a", "b", "c"], ["c"]
+    cm = ConfusionMatrix(3)
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm.update(pred, label)
+    assert cm.matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    m = summarize(cm.matrix, classes, unseen)
+    # IoU a = 1/(1+1+1)=1/3, b = 2/(2+1)=2/3, c = 1/(1+1)=1/2
+    assert abs(m["mIoU(S)"] - 50.0) < 1e-9
+    assert abs(m["mIoU(U)"] - 50.0) < 1e-9
+    assert abs(m["pAcc"] - 4 / 6 * 100) < 1e-9
+    assert abs(m["hIoU"] - 50.0) < 1e-9
+    assert abs(m["per_class"]["a"] - 100 / 3) < 1e-9
+
+
+def test_accumulates_over_images_not_per_image_mean():
+    cm = ConfusionMatrix(2)
+    cm.update(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 1]))
+    cm.update(np.array([1]), np.array([1]))
+    m = summarize(cm.matrix, ["x", "y"], ["y"])
+    assert abs(m["per_class"]["x"] - 75.0) < 1e-9  # 3 / (3 + 1)
+    assert abs(m["per_class"]["y"] - 50.0) < 1e-9  # 1 / (1 + 1)
+    assert abs(m["hIoU"] - 2 * 75 * 50 / 125) < 1e-9
+
+
+def test_class_absent_from_ground_truth_is_left_out():
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 1]), np.array([0, 1]))
+    m = summarize(cm.matrix, ["a", "b", "c"], ["b"])
+    assert m["per_class"]["c"] is None
+    assert m["mIoU(S)"] == 100.0

@@ -1,0 +1,217 @@
+"""Typed training configuration.
+
+One dataclass per box of the method. A YAML file fills the fields, `key.sub=value`
+overrides come after it, and the merged result is saved inside every checkpoint (and
+as `config.yaml` next to it) so a checkpoint rebuilds its own model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied (unknown key, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "folder"  # folder (msrc21 layout) | voc | coco_stuff | context
+    root: str = "../shared/data/msrc21"  # dataset folder; relative paths resolve from the current directory
+    train_split: str = "train"  # split used for training
+    val_split: str = "val"  # split used for periodic validation
+    zero_shot: bool = True  # unseen-class pixels become ignore in training
+    crop_size: int = 320  # square training crop side, pixels
+    scale_range: tuple = (0.5, 2.0)  # random rescale range relative to `base_size`
+    base_size: int = 320  # short side the image is rescaled to before the random scale
+    flip: bool = True  # random horizontal flip
+    photometric: bool = True  # random brightness / contrast / saturation jitter
+    eval_size: int = 320  # short side used at validation / evaluation time
+    num_workers: int = 2  # DataLoader workers
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "conse"  # clip (open_clip ViT) | conse (offline EfficientNet-Lite + MiniLM stand-in)
+    clip_model: str = "ViT-B-16"  # open_clip architecture name
+    clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local .pt/.bin/.safetensors path
+    clip_config: dict = field(default_factory=dict)  # explicit open_clip model config (tests build tiny random CLIPs)
+    conse_backbone: str = "tf_efficientnet_lite2"  # timm name; packaged ImageNet weights are loaded for lite0/1/2
+    conse_topk: int = 10  # ImageNet classes mixed per location (ConSE's T)
+    input_size: int = 448  # side of the square image the teacher sees (448 -> 14x14 tokens for lite2)
+    templates: tuple = ("a photo of a {}.",)  # prompt templates averaged for class-name embeddings
+    mode: str = "online"  # online: teacher runs on each augmented crop | cached: per-image outputs cached once
+    cache_dir: str = ""  # cached mode: folder for teacher outputs (default: <out_dir>/../teacher_cache)
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "tf_efficientnet_lite0"  # any timm model name that supports features_only
+    pretrained: bool = True  # load packaged / timm weights when available, else random init with a warning
+    head_dim: int = 128  # width of the all-MLP head
+    logit_scale: float = 20.0  # kappa: logits = kappa * cos(feature, text); sets how big gamma is (SPEC A.7)
+
+
+@dataclass
+class LossConfig:
+    focal_weight: float = 20.0  # NEL sigmoid focal weight (ZegCLIP/TagCLIP alpha)
+    dice_weight: float = 1.0  # NEL dice weight
+    focal_alpha: float = 0.25  # focal positive weight
+    focal_gamma: float = 2.0  # focal focusing exponent
+    ignore_as_negative: bool = True  # ZegCLIP: ignored pixels are negatives for every seen class (SPEC A.6)
+    glm_weight: float = 1.0  # InfoNCE weight; 0 switches the GLM off
+    ce_weight: float = 1.0  # PLM cross-entropy weight; 0 switches pseudo labels off
+    gen_weight: float = 1.0  # PLM MSE weight (generated seen features vs text)
+
+
+@dataclass
+class GLMConfig:
+    pooling: str = "attention"  # attention | mean | max (paper Table 4)
+    temperature: float = 0.07  # InfoNCE tau
+    bank_size: int = 24  # FIFO CLS token bank length (tokens)
+    scaled: bool = False  # divide attention scores by sqrt(D)
+
+
+@dataclass
+class PLMConfig:
+    windows: tuple = (3, 7)  # K-Means grid windows: k -> k*k initial centres per scale
+    init: str = "grid"  # grid: k x k window means (SLIC-style) | stride: windows of side k, stride k
+    iters: int = 10  # K-Means iterations
+    ignore_fraction: float = 0.5  # a token is 'ignored' if this share of its pixels is ignore
+    fusion: str = "centroid"  # centroid: cosine of region centroids | overlap: intersection over smaller area
+    fusion_threshold: float = 0.8  # NMS-style merge threshold
+    min_region_tokens: int = 1  # regions smaller than this (tokens) are dropped
+    generator: str = "decoder"  # decoder | mlp | centroid (paper Table 5)
+    decoder_layers: int = 1  # transformer decoder depth
+    decoder_heads: int = 8  # attention heads (must divide the embedding dim)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # base learning rate (head); backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1  # MMSeg-style: pretrained backbone learns 10x slower than the head
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_iters: int = 50  # linear warm-up steps
+    poly_power: float = 1.0  # poly decay exponent
+    min_lr: float = 1e-6  # floor of the poly schedule
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/msrc21"  # checkpoints, metrics.jsonl and config.yaml go here
+    iters: int = 300  # total optimisation steps
+    batch_size: int = 8  # images per step per process
+    seed: int = 0  # seeds model init, sampling and augmentation
+    log_every: int = 10  # metrics.jsonl / progress-bar cadence, steps
+    val_every: int = 100  # validation cadence, steps (0 = only at the end)
+    ckpt_every: int = 100  # checkpoint cadence, steps
+    stop_at: int = 0  # stop after this step without finishing the schedule (pre-emption tests); 0 = off
+    gamma: float = 1.5  # unseen-class logit bias used at validation and stored as the default
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = torch default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    glm: GLMConfig = field(default_factory=GLMConfig)
+    plm: PLMConfig = field(default_factory=PLMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists so the dict round-trips through YAML and torch.save."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            value = str(value)
+        return value
+    return value
+
+
+def _apply(section: Any, values: dict, prefix: str, source: str) -> None:
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (from {source}); valid keys here: {', '.join(sorted(names))}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section, give '{full}.<field>=value'")
+            _apply(current, value, f"{full}.", source)
+        else:
+            setattr(section, key, _coerce(value, current, full))
+
+
+def from_dict(values: dict, source: str = "dict") -> Config:
+    cfg = Config()
+    _apply(cfg, values or {}, "", source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b=value` strings; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        nested: Any = value
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        _apply(cfg, nested, "", f"override '{item}'")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    cfg = from_dict(values, str(path) if path else "defaults")
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

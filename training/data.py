@@ -1,0 +1,156 @@
+"""Torch datasets over the raw readers in `training.datasets`, with aligned augmentation.
+
+Every random choice for (epoch, sample) comes from its own seeded generator, so a resumed run
+sees exactly the batches an uninterrupted run would have seen, whatever the worker count.
+The crop is described by a box in normalised image coordinates plus a flip flag; the same box
+crops cached teacher features (`crop_features`), so image, label, pseudo label and teacher
+tokens stay aligned.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from training.config import DataConfig
+from training.datasets import SegmentationFolder, zero_shot_label
+
+
+def _resize_short(image: np.ndarray, short: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    s = short / min(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+class TrainDataset(Dataset):
+    """Random scale, crop, flip and photometric jitter.
+
+    Items are dicts: image 3 x S x S float, label S x S long (seen ids / ignore), valid S x S bool
+    (False on padding), box 4 (x0, y0, x1, y1 in [0, 1] image coords, may exceed), flip bool,
+    index int. Indexed by (sample, epoch) pairs from `EpochSampler`.
+    """
+
+    def __init__(self, folder: SegmentationFolder, cfg: DataConfig, seed: int, zero_shot: bool):
+        self.folder, self.cfg, self.seed, self.zero_shot = folder, cfg, seed, zero_shot
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = self.folder.read_image(index)
+        label = self.folder.read_label(index)
+        if self.zero_shot:
+            label = zero_shot_label(label, self.folder.info)
+        h, w = label.shape
+        c = self.cfg.crop_size
+        scale = self.cfg.base_size / min(h, w) * rng.uniform(*self.cfg.scale_range)
+        sh, sw = h * scale, w * scale
+        oy = rng.uniform(0, max(0.0, sh - c))
+        ox = rng.uniform(0, max(0.0, sw - c))
+        flip = bool(self.cfg.flip and rng.random() < 0.5)
+        # dst = scale * src - offset (then mirrored): one affine map for image, label and valid mask
+        m = np.array([[scale, 0, -ox], [0, scale, -oy]], dtype=np.float64)
+        if flip:
+            m = np.array([[-1, 0, c - 1], [0, 1, 0]], dtype=np.float64) @ np.vstack([m, [0, 0, 1]])
+        img = cv2.warpAffine(image, m, (c, c), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        lab = cv2.warpAffine(label, m, (c, c), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+        valid = cv2.warpAffine(np.ones_like(label), m, (c, c), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if self.cfg.photometric:
+            img = photometric(img, rng)
+        x0, y0 = ox / scale / w, oy / scale / h
+        box = [x0, y0, x0 + c / scale / w, y0 + c / scale / h]
+        lab = lab.astype(np.int64)
+        lab[valid == 0] = self.folder.info.ignore_index
+        return {
+            "image": to_tensor(img),
+            "label": torch.from_numpy(lab),
+            "valid": torch.from_numpy(valid.astype(bool)),
+            "box": torch.tensor(box, dtype=torch.float32),
+            "flip": torch.tensor(flip),
+            "index": torch.tensor(index),
+        }
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter (each applied with probability 0.5)."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:
+        x = x + rng.uniform(-32, 32)
+    if rng.random() < 0.5:
+        x = (x - x.mean()) * rng.uniform(0.5, 1.5) + x.mean()
+    if rng.random() < 0.5:
+        gray = x.mean(axis=2, keepdims=True)
+        x = (x - gray) * rng.uniform(0.5, 1.5) + gray
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+class EvalDataset(Dataset):
+    """Whole images resized to a short side of `size`; labels stay at full resolution.
+
+    Items: image 3 x h x w float, label H x W long (dataset class ids, nothing made ignore), index.
+    """
+
+    def __init__(self, folder: SegmentationFolder, size: int):
+        self.folder, self.size = folder, size
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.folder.read_image(index)
+        label = self.folder.read_label(index)
+        return {
+            "image": to_tensor(_resize_short(image, self.size)),
+            "label": torch.from_numpy(label.astype(np.int64)),
+            "index": index,
+        }
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) pairs batch by batch, one seeded permutation per epoch, sharded by rank.
+
+    `start` skips that many batches of the first epoch, which is how `--resume` lands on the
+    exact batch an uninterrupted run would have drawn next.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_epoch = (n // world) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset of {n} images is smaller than one batch ({batch_size} x {world} processes)")
+        self.start = start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, pos = divmod(step, self.per_epoch)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)[self.rank :: self.world]
+            batch = perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+            yield [(int(i), epoch) for i in batch]
+            step += 1
+
+
+def crop_features(features: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop and resample whole-image feature maps to the training crops.
+
+    features: B x D x h x w (whole image), boxes: B x 4 normalised (x0, y0, x1, y1), flips: B bool,
+    size: output (h', w'). Outside the image the result is zero. Returns B x D x h' x w'.
+    """
+    b = features.shape[0]
+    ys = torch.linspace(0, 1, size[0] * 2 + 1, device=features.device)[1::2]  # cell centres
+    xs = torch.linspace(0, 1, size[1] * 2 + 1, device=features.device)[1::2]
+    xs = xs.view(1, -1).expand(b, -1)
+    xs = torch.where(flips.view(-1, 1), 1 - xs, xs)
+    gx = boxes[:, 0:1] + xs * (boxes[:, 2:3] - boxes[:, 0:1])
+    gy = boxes[:, 1:2] + ys.view(1, -1) * (boxes[:, 3:4] - boxes[:, 1:2])
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1) * 2 - 1
+    return F.grid_sample(features.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)

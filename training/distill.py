@@ -1,0 +1,87 @@
+"""The distillation wrapper: teacher tokens in, every loss term out.
+
+`TeacherSource` owns the frozen teacher (always eval, no grad) and hands out its tokens for a
+batch of crops, either by running it (online) or from the cache. `Distiller` holds everything
+that learns (student, GLM bank, PLM generator) and is what DDP wraps; the teacher stays
+outside so its weights are never broadcast or all-reduced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.config import Config
+from training.glm import GlobalLearningModule
+from training.losses import nel_loss
+from training.pixel_learning import PixelLearningModule, make_pseudo_labels
+from training.student import Student
+from training.teacher_cache import TeacherCache
+
+
+class TeacherSource:
+    """Teacher CLS + dense tokens for a training batch (online or cached)."""
+
+    def __init__(self, teacher, cache: TeacherCache | None = None):
+        self.teacher = teacher.eval()
+        self.cache = cache
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cls B x D, dense B x D x h x w) aligned with batch['image']."""
+        if self.cache is not None:
+            return self.cache.lookup(batch["index"], batch["box"], batch["flip"])
+        self.teacher.eval()
+        out = self.teacher(batch["image"])
+        # Padding is black in the crop; its tokens would form a fake region, so zero them.
+        valid = F.adaptive_max_pool2d(batch["valid"][:, None].float(), out.dense.shape[-2:]) > 0
+        return out.cls, out.dense * valid
+
+
+def at_stride(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Nearest-sample a B x H x W map at the centres of the feature cells: -> B x h x w."""
+    stride = x.shape[-1] // feats.shape[-1]
+    return x[:, stride // 2 :: stride, stride // 2 :: stride][:, : feats.shape[2], : feats.shape[3]]
+
+
+class Distiller(nn.Module):
+    """Student + GLM + PLM. forward(...) -> dict of weighted loss terms (their sum is the objective)."""
+
+    def __init__(self, cfg: Config, embed_dim: int, text_seen: torch.Tensor, ignore_index: int = 255):
+        super().__init__()
+        self.cfg = cfg
+        self.ignore_index = ignore_index
+        self.student = Student(cfg.student, embed_dim)
+        self.glm = GlobalLearningModule(cfg.glm, embed_dim)
+        self.use_plm = cfg.loss.ce_weight > 0 or cfg.loss.gen_weight > 0
+        self.plm = PixelLearningModule(cfg.plm, embed_dim) if self.use_plm else None
+        self.register_buffer("text_seen", text_seen.clone())
+
+    def pseudo_labels(self, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """B x H x W pseudo-label map from teacher tokens, or None when the PLM is off."""
+        if not self.use_plm:
+            return None
+        return make_pseudo_labels(dense, labels, valid, self.text_seen.shape[0], self.cfg.plm, self.ignore_index)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor,
+                pseudo: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D."""
+        lc, scale = self.cfg.loss, self.cfg.student.logit_scale
+        feats = self.student(images)
+        unit = F.normalize(feats, dim=1)  # once: normalising B x D x H/4 x W/4 is a large share of a CPU step
+        losses: dict[str, torch.Tensor] = {}
+        # Losses work at the feature resolution (stride 4) with nearest-sampled labels: 16x cheaper
+        # than upsampling logits to the crop, which matters on a CPU.
+        labels, valid = at_stride(labels, feats), at_stride(valid, feats)
+        logits = torch.einsum("bdhw,cd->bchw", unit, self.text_seen) * scale
+        losses.update(nel_loss(logits, labels, self.ignore_index, lc.focal_weight, lc.dice_weight, lc.focal_alpha,
+                               lc.focal_gamma, lc.ignore_as_negative, valid))
+        if lc.glm_weight > 0:
+            losses["glm"] = lc.glm_weight * self.glm(cls, feats)
+        if self.use_plm and pseudo is not None:
+            plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale)
+            if lc.ce_weight > 0:
+                losses["ce"] = lc.ce_weight * plm["ce"]
+            if lc.gen_weight > 0:
+                losses["gen"] = lc.gen_weight * plm["gen"]
+        return losses

@@ -1,0 +1,270 @@
+"""Training and evaluation loops: plain functions, a progress bar, JSONL metrics, atomic checkpoints.
+
+`train(cfg)` builds everything, checks every input before the first step, and runs
+`train_one_epoch` until `train.iters`; `evaluate` scores a student on a split.
+Under `torchrun` each process trains on its shard of every epoch (DDP, gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import Config, save_config
+from training.data import EpochSampler, EvalDataset, TrainDataset
+from training.datasets import SegmentationFolder, build_dataset
+from training.distill import Distiller, TeacherSource
+from training.metrics import ConfusionMatrix, summarize
+from training.segmenter import predict_logits, unseen_bias
+from training.teacher_cache import TeacherCache
+from training.teachers import build_teacher
+
+# Config fields that define the weights: a checkpoint made with other values cannot be resumed.
+MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kind"), ("teacher", "clip_model"),
+              ("teacher", "conse_backbone"), ("plm", "generator"), ("plm", "decoder_layers"), ("glm", "bank_size")]
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up, then poly decay towards min_lr (as a fraction of the base lr)."""
+    oc, total = cfg.optim, cfg.train.iters
+    if step < oc.warmup_iters:
+        return (step + 1) / oc.warmup_iters
+    frac = min(1.0, (step - oc.warmup_iters) / max(1, total - oc.warmup_iters))
+    floor = oc.min_lr / oc.lr
+    return floor + (1 - floor) * (1 - frac) ** oc.poly_power
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
+    old = ckpt["config"]
+    for section, key in MODEL_KEYS:
+        mine = getattr(getattr(cfg, section), key)
+        theirs = old.get(section, {}).get(key)
+        if isinstance(mine, tuple):
+            mine = list(mine)
+        if theirs != mine:
+            raise ValueError(f"checkpoint {path} was made by another model: {section}.{key}={theirs!r}, "
+                             f"this config has {mine!r}")
+
+
+@torch.no_grad()
+def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
+             size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
+    """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
+
+    text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
+    """
+    device = device or torch.device("cpu")
+    was_training = student.training
+    student.eval()
+    info = folder.info
+    cm = ConfusionMatrix(len(info.classes), info.ignore_index)
+    data = EvalDataset(folder, size)
+    for i in tqdm(range(rank, len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
+        item = data[i]
+        label = item["label"]
+        logits = predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
+                                tuple(label.shape), window)
+        cm.update(logits.argmax(1)[0].cpu().numpy(), label.numpy())
+    if world > 1:
+        matrix = torch.from_numpy(cm.matrix)
+        dist.all_reduce(matrix)
+        cm.matrix = matrix.numpy()
+    student.train(was_training)
+    return summarize(cm.matrix, info.classes, info.unseen)
+
+
+class MetricsLog:
+    """Appends JSON lines (and TensorBoard scalars when tensorboard is installed) on rank 0."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record.get("step", 0))
+
+
+def train_one_epoch(model, source: TeacherSource, batches, optimizer, scheduler, cfg: Config, state: dict,
+                    steps: int, log: MetricsLog, bar, device) -> None:
+    """Run `steps` optimisation steps from the batch iterator, updating state['step'] in place."""
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    sums: dict[str, float] = {}
+    t0 = time.time()
+    for _ in range(steps):
+        batch = next(batches)
+        cls, dense = source(batch)
+        pseudo = core.pseudo_labels(dense, batch["label"], batch["valid"])
+        losses = model(batch["image"].to(device), batch["label"].to(device), batch["valid"].to(device),
+                       cls.to(device), None if pseudo is None else pseudo.to(device))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {state['step']}: { {k: float(v) for k, v in losses.items()} }")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        sums["n"] = sums.get("n", 0) + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if state["step"] % cfg.train.log_every == 0:
+            n = sums.pop("n")
+            rec = {"step": state["step"], **{k: v / n for k, v in sums.items()},
+                   "lr": optimizer.param_groups[-1]["lr"], "it_per_s": n / (time.time() - t0)}
+            log.write(rec)
+            sums, t0 = {}, time.time()
+
+
+def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
+    """Train the student. Returns the final validation metrics (rank 0; {} elsewhere)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank, world, device = setup_distributed(cfg.train.device)
+    main = rank == 0
+    out = Path(cfg.train.out_dir)
+
+    # Every input is checked before any training starts.
+    train_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
+    val_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.val_split)
+    train_set.validate()
+    val_set.validate()
+    ckpt = None
+    if resume:
+        path = out / "last.pt" if resume == "auto" else Path(resume)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, cfg, path)
+
+    torch.manual_seed(cfg.train.seed)
+    teacher = build_teacher(cfg.teacher).to(device)
+    info = train_set.info
+    vocabulary = info.seen if cfg.data.zero_shot else list(info.classes)
+    text_all = teacher.encode_text(list(info.classes), cfg.teacher.templates).cpu()
+    text_cache = {c: e for c, e in zip(info.classes, text_all)}
+    text_seen = torch.stack([text_cache[c] for c in vocabulary])
+    cache = None
+    if cfg.teacher.mode == "cached":
+        cache = TeacherCache(cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}",
+                             teacher, train_set, verbose=verbose and main)
+    elif cfg.teacher.mode != "online":
+        raise ValueError(f"teacher.mode must be online or cached, got '{cfg.teacher.mode}'")
+    source = TeacherSource(teacher, cache)
+
+    torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
+    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index).to(device)
+    groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
+    if core.plm is not None and any(True for _ in core.plm.parameters()):
+        groups.append({"params": list(core.plm.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    state = {"step": 0}
+    if ckpt is not None:
+        core.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state["step"] = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+    model = DistributedDataParallel(core) if world > 1 else core
+    model.train()
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    log = MetricsLog(out, main)
+    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, cfg.data.zero_shot)
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world, start=state["step"])
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+
+    def checkpoint(metrics: dict | None = None) -> None:
+        if not main:
+            return
+        save_checkpoint({
+            "config": cfg.to_dict(), "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": state["step"], "rng": rng_state(),
+            "vocabulary": vocabulary, "text_cache": text_cache, "embed_dim": teacher.embed_dim,
+            "gamma": cfg.train.gamma, "teacher_fingerprint": teacher.fingerprint(), "dataset": info.name,
+            "metrics": metrics or {},
+        }, out / "last.pt")
+
+    def validate() -> dict:
+        bias = unseen_bias(list(info.classes), vocabulary, cfg.train.gamma)
+        m = evaluate(core.student, val_set, text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
+                     rank=rank, world=world, device=device, progress=verbose)
+        log.write({"step": state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
+        if main and verbose:
+            tqdm.write(f"step {state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
+        return m
+
+    end = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.iters else cfg.train.iters
+    metrics: dict = {}
+    bar = tqdm(total=end, initial=state["step"], desc="train", disable=not (verbose and main), dynamic_ncols=True)
+    while state["step"] < end:
+        # Run to the next event (validation, checkpoint, end of epoch, end of run).
+        marks = [end, (state["step"] // sampler.per_epoch + 1) * sampler.per_epoch]
+        for every in (cfg.train.val_every, cfg.train.ckpt_every):
+            if every > 0:
+                marks.append((state["step"] // every + 1) * every)
+        steps = min(marks) - state["step"]
+        train_one_epoch(model, source, batches, optimizer, scheduler, cfg, state, steps, log, bar, device)
+        at_end = state["step"] >= cfg.train.iters
+        if (cfg.train.val_every > 0 and state["step"] % cfg.train.val_every == 0) or at_end:
+            metrics = validate()
+        if (cfg.train.ckpt_every > 0 and state["step"] % cfg.train.ckpt_every == 0) or state["step"] >= end:
+            checkpoint(metrics)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    return metrics if main else {}

@@ -1,0 +1,72 @@
+"""Seen-class loss: ZegCLIP's non-mutually-exclusive loss (NEL), sigmoid focal + dice (SPEC D.1, A.6).
+
+Per-class sigmoids rather than a softmax, so adding classes at test time does not change how
+an existing class is scored.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels: B x H x W -> (targets B x C x H x W float, ignored B x H x W bool)."""
+    ignored = labels == ignore_index
+    safe = labels.clone()
+    safe[ignored | (labels >= num_classes)] = 0
+    targets = F.one_hot(safe.long(), num_classes).permute(0, 3, 1, 2).float()
+    targets = targets * (~ignored).unsqueeze(1)
+    return targets, ignored
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                       alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss averaged over classes and weighted pixels (ZegCLIP's normalisation).
+
+    logits, targets: B x C x H x W; weight: B x H x W (0 drops a pixel).
+    """
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    loss = loss.mean(dim=1) * weight
+    return loss.sum() / weight.sum().clamp(min=1.0)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1 - (2 sum(p y) + 1) / (sum(p) + sum(y) + 1), per image and class present in the image, averaged.
+
+    logits, targets: B x C x H x W; weight: B x H x W.
+    """
+    p = logits.sigmoid() * weight.unsqueeze(1)
+    y = targets * weight.unsqueeze(1)
+    inter = (p * y).flatten(2).sum(-1)
+    denom = p.flatten(2).sum(-1) + y.flatten(2).sum(-1)
+    dice = 1 - (2 * inter + 1) / (denom + 1)
+    present = y.flatten(2).sum(-1) > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    return dice[present].mean()
+
+
+def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, focal_weight: float,
+             dice_weight: float, alpha: float = 0.25, gamma: float = 2.0,
+             ignore_as_negative: bool = True, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Focal + dice on seen-class logits.
+
+    logits: B x C_s x H x W, labels: B x H x W with seen ids or ignore; valid: B x H x W bool,
+    False on padding (never counted). With ignore_as_negative (ZegCLIP's code), ignored pixels
+    are negatives for every seen class, which pushes unseen objects away from seen classes.
+    """
+    targets, ignored = one_hot_targets(labels, logits.shape[1], ignore_index)
+    weight = torch.ones_like(labels, dtype=logits.dtype) if ignore_as_negative else (~ignored).to(logits.dtype)
+    if valid is not None:
+        weight = weight * valid.to(logits.dtype)
+    out = {}
+    if focal_weight > 0:
+        out["focal"] = focal_weight * sigmoid_focal_loss(logits, targets, weight, alpha, gamma)
+    if dice_weight > 0:
+        out["dice"] = dice_weight * dice_loss(logits, targets, weight)
+    return out

@@ -1,0 +1,99 @@
+"""Inference: the student plus cached text embeddings, with the unseen-class bias (SPEC A.7).
+
+Only the student runs on the image; classes are rows of a text-embedding matrix. Classes that
+were not in the training vocabulary get +gamma on their logits, because a student trained on
+seen classes scores them too low.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import load_checkpoint
+from training.config import Config, from_dict
+from training.student import Student, class_logits
+
+
+def unseen_bias(classes: list[str], vocabulary: list[str], gamma: float) -> torch.Tensor:
+    """C vector: gamma for every class outside the training vocabulary, 0 otherwise."""
+    known = set(vocabulary)
+    return torch.tensor([0.0 if c in known else gamma for c in classes])
+
+
+@torch.no_grad()
+def predict_logits(student: Student, image: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor,
+                   out_size: tuple[int, int], window: int = 0, overlap: float = 1 / 6) -> torch.Tensor:
+    """image: 1 x 3 x h x w in [0, 1]; text: C x D; bias: C. Returns 1 x C x H x W logits at out_size.
+
+    window > 0 tiles images larger than window x window with overlapping crops and averages logits.
+    """
+    _, _, h, w = image.shape
+    if window <= 0 or (h <= window and w <= window):
+        logits = class_logits(student(image), text, scale, bias)
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    stride = max(1, int(window * (1 - overlap)))
+    total = image.new_zeros(1, text.shape[0], h, w)
+    count = image.new_zeros(1, 1, h, w)
+    for y in range(0, max(h - window, 0) + stride, stride):
+        for x in range(0, max(w - window, 0) + stride, stride):
+            y0, x0 = min(y, max(h - window, 0)), min(x, max(w - window, 0))
+            crop = image[:, :, y0 : y0 + window, x0 : x0 + window]
+            logits = class_logits(student(crop), text, scale, bias)
+            total[:, :, y0 : y0 + crop.shape[2], x0 : x0 + crop.shape[3]] += F.interpolate(
+                logits, size=crop.shape[2:], mode="bilinear", align_corners=False)
+            count[:, :, y0 : y0 + crop.shape[2], x0 : x0 + crop.shape[3]] += 1
+    return F.interpolate(total / count, size=out_size, mode="bilinear", align_corners=False)
+
+
+class Segmenter:
+    """A trained student with its vocabulary, text-embedding cache and default gamma, loaded from a checkpoint."""
+
+    def __init__(self, cfg: Config, student: Student, vocabulary: list[str], text_cache: dict[str, torch.Tensor],
+                 gamma: float, teacher_fingerprint: str = ""):
+        self.cfg, self.student = cfg, student.eval()
+        self.vocabulary, self.text_cache, self.gamma = vocabulary, text_cache, gamma
+        self.teacher_fingerprint = teacher_fingerprint
+        self._teacher = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Segmenter":
+        ckpt = load_checkpoint(path)
+        cfg = from_dict(ckpt["config"], f"checkpoint {path}")
+        cfg.student.pretrained = False  # the checkpoint holds the weights
+        student = Student(cfg.student, ckpt["embed_dim"])
+        state = {k[len("student."):]: v for k, v in ckpt["model"].items() if k.startswith("student.")}
+        try:
+            student.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {path} does not fit its own student config: {str(err).splitlines()[0]}") from None
+        return cls(cfg, student.to(device), ckpt["vocabulary"], ckpt["text_cache"], ckpt["gamma"],
+                   ckpt.get("teacher_fingerprint", ""))
+
+    def text_embeddings(self, classes: list[str]) -> torch.Tensor:
+        """C x D; names missing from the cache are embedded by the teacher's text encoder (built once)."""
+        missing = [c for c in classes if c not in self.text_cache]
+        if missing:
+            if self._teacher is None:
+                from training.teachers import build_teacher
+
+                self._teacher = build_teacher(self.cfg.teacher)
+            new = self._teacher.encode_text(missing, self.cfg.teacher.templates)
+            self.text_cache.update({c: e for c, e in zip(missing, new)})
+        return torch.stack([self.text_cache[c] for c in classes])
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, classes: list[str], gamma: float | None = None, size: int | None = None,
+                window: int = 0) -> torch.Tensor:
+        """image: 3 x H x W in [0, 1] -> H x W long class indices into `classes`."""
+        h, w = image.shape[1:]
+        size = size or self.cfg.data.eval_size
+        s = size / min(h, w)
+        x = F.interpolate(image[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                          align_corners=False)
+        device = next(self.student.parameters()).device
+        text = self.text_embeddings(classes).to(device)
+        bias = unseen_bias(classes, self.vocabulary, self.gamma if gamma is None else gamma).to(device)
+        logits = predict_logits(self.student, x.to(device), text, self.cfg.student.logit_scale, bias, (h, w), window)
+        return logits.argmax(1)[0].cpu()

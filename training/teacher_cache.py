@@ -1,0 +1,92 @@
+"""Teacher outputs computed once per image and reused (`teacher.mode=cached`).
+
+The teacher is frozen, so its output for an image never changes. Cached mode runs it once on
+every whole training image (resized to the teacher's square input) and stores the CLS token
+and dense tokens as memory-mapped float16 arrays. A training crop then takes its tokens by
+resampling the whole-image token map with the crop's box (`training.data.crop_features`).
+
+What this gives up (SPEC E.3): the paper feeds the teacher the augmented crop itself. Here
+the CLS token describes the whole image, not the crop, and the crop's dense tokens are
+interpolated from a coarser whole-image grid (the teacher saw the image at one scale only).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.data import crop_features, to_tensor
+from training.datasets import SegmentationFolder
+
+
+def data_signature(folder: SegmentationFolder) -> str:
+    """Hash of the image list with sizes and modification times: changes when the data changes."""
+    h = hashlib.sha1()
+    for i in range(len(folder)):
+        p = folder.image_path(i)
+        st = p.stat()
+        h.update(f"{folder.ids[i]}:{st.st_size}:{int(st.st_mtime)};".encode())
+    return h.hexdigest()[:16]
+
+
+class TeacherCache:
+    """cls: N x D and dense: N x D x h x w float16 arrays in `root`, with a meta.json that names what made them."""
+
+    def __init__(self, root: str | Path, teacher, folder: SegmentationFolder, batch_size: int = 8, verbose: bool = True):
+        self.root = Path(root)
+        self.meta = {"teacher": teacher.fingerprint(), "input_size": teacher.input_size,
+                     "data": data_signature(folder), "count": len(folder)}
+        if not self._fresh():
+            if (self.root / "meta.json").exists() and verbose:
+                print(f"teacher cache {self.root} is stale (teacher, input size or data changed); rebuilding")
+            self._build(teacher, folder, batch_size, verbose)
+        self.cls = torch.from_numpy(np.load(self.root / "cls.npy", mmap_mode="r").astype(np.float32))
+        self.dense = np.load(self.root / "dense.npy", mmap_mode="r")
+
+    def _fresh(self) -> bool:
+        try:
+            return json.loads((self.root / "meta.json").read_text()) == self.meta
+        except (OSError, ValueError):
+            return False
+
+    @torch.no_grad()
+    def _build(self, teacher, folder: SegmentationFolder, batch_size: int, verbose: bool) -> None:
+        tmp = self.root.with_name(self.root.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        size = teacher.input_size
+        cls_arr = dense_arr = None
+        bar = tqdm(range(0, len(folder), batch_size), desc="teacher cache", disable=not verbose)
+        for start in bar:
+            idx = list(range(start, min(start + batch_size, len(folder))))
+            images = torch.stack([
+                torch.nn.functional.interpolate(to_tensor(folder.read_image(i))[None], size=(size, size),
+                                                mode="bilinear", align_corners=False)[0] for i in idx])
+            out = teacher(images)
+            if cls_arr is None:
+                d, h, w = out.dense.shape[1:]
+                cls_arr = np.lib.format.open_memmap(tmp / "cls.npy", "w+", np.float16, (len(folder), d))
+                dense_arr = np.lib.format.open_memmap(tmp / "dense.npy", "w+", np.float16, (len(folder), d, h, w))
+            cls_arr[idx] = out.cls.cpu().numpy().astype(np.float16)
+            dense_arr[idx] = out.dense.cpu().numpy().astype(np.float16)
+        cls_arr.flush()
+        dense_arr.flush()
+        del cls_arr, dense_arr
+        (tmp / "meta.json").write_text(json.dumps(self.meta))
+        # Swap in whole: a crash mid-build leaves only the '.building' folder, never a half cache.
+        shutil.rmtree(self.root, ignore_errors=True)
+        os.replace(tmp, self.root)
+
+    def lookup(self, indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher tokens for a batch of crops: (cls B x D, dense B x D x h x w), dense cropped by box."""
+        idx = indices.cpu().numpy()
+        dense = torch.from_numpy(np.stack([self.dense[i] for i in idx]).astype(np.float32))
+        dense = crop_features(dense, boxes.cpu(), flips.cpu(), tuple(dense.shape[-2:]))
+        dense = torch.nn.functional.normalize(dense, dim=1)  # zero outside the image stays zero
+        return self.cls[idx], dense
