@@ -167,7 +167,7 @@ def test_bad_settings_raise():
 
 @pytest.fixture(scope="module")
 def conse() -> ConSETeacher:
-    teacher = build_teacher(TeacherConfig(kind="conse", conse_backbone="tf_efficientnet_lite0", input_size=224))
+    teacher = build_teacher(TeacherConfig(kind="conse", conse_backbone="tf_efficientnet_lite0"))
     assert isinstance(teacher, ConSETeacher)
     return teacher
 
@@ -175,16 +175,16 @@ def conse() -> ConSETeacher:
 def test_conse_shapes_and_norms(conse):
     out = conse(torch.rand(2, 3, 100, 150))
     assert conse.embed_dim == 384 and conse.class_text.shape == (1000, 384)
-    assert out.cls.shape == (2, 384) and out.dense.shape == (2, 384, 7, 7)
+    assert out.cls.shape == (2, 384) and out.dense.shape == (2, 384, 14, 14)  # 448 / 32
     assert torch.allclose(out.cls.norm(dim=-1), torch.ones(2), atol=1e-5)
-    assert torch.allclose(out.dense.norm(dim=1), torch.ones(2, 7, 7), atol=1e-5)
+    assert torch.allclose(out.dense.norm(dim=1), torch.ones(2, 14, 14), atol=1e-5)
     conse.train()
     assert not any(m.training for m in conse.modules())
     assert not any(p.requires_grad for p in conse.parameters())
 
 
 def test_conse_topk_one_is_the_top_class_text(conse):
-    images = torch.rand(2, 3, 224, 224)
+    images = torch.rand(2, 3, conse.input_size, conse.input_size)
     x = (images - conse.pixel_mean) / conse.pixel_std
     with torch.no_grad():
         top = conse.backbone(x).argmax(-1)
@@ -219,10 +219,10 @@ def test_conse_sees_cows_and_books(conse):
 
 
 def test_conse_fingerprint(conse):
-    again = build_teacher(TeacherConfig(kind="conse", conse_backbone="tf_efficientnet_lite0", input_size=224))
+    again = build_teacher(TeacherConfig(kind="conse", conse_backbone="tf_efficientnet_lite0"))
     assert conse.fingerprint().startswith("conse-") and conse.fingerprint() == again.fingerprint()
     again.input_size = 256
     assert again.fingerprint() != conse.fingerprint()
     again.topk = 5
-    again.input_size = 224
+    again.input_size = conse.input_size
     assert again.fingerprint() != conse.fingerprint()

@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors vary
-        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path} is not a clipteacher checkpoint (could not be read: {type(err).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a clipteacher checkpoint (expected format '{FORMAT}')")
     return ckpt

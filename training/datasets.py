@@ -208,7 +208,7 @@ class SegmentationFolder:
         raw = self.read_raw_label(i)
         return raw if self.label_lut is None else self.label_lut[raw]
 
-    def validate(self, check_labels: bool | None = None) -> None:
+    def validate(self, check_labels: bool | None = None, progress: bool = True) -> None:
         """Check the files before training; raise DatasetError naming the first bad file.
 
         Always: every listed image and label exists. With `check_labels` (default: when the split
@@ -229,7 +229,8 @@ class SegmentationFolder:
         C, ignore = self.info.num_classes, self.info.ignore_index
         lut = self.label_lut if self.label_lut is not None else np.arange(256, dtype=np.uint8)
         valid = (lut < C) | (lut == ignore)  # indexed by raw value
-        for i in tqdm(range(len(self)), desc=f"checking {self.root.name}/{self.split}", leave=False):
+        for i in tqdm(range(len(self)), desc=f"checking {self.root.name}/{self.split}", leave=False,
+                      disable=not progress):
             path = self.image_path(i)
             try:
                 with Image.open(path) as im:

@@ -154,8 +154,8 @@ def train_one_epoch(model, source: TeacherSource, batches, optimizer, scheduler,
         scheduler.step()
         state["step"] += 1
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -178,8 +178,8 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     # Every input is checked before any training starts.
     train_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
     val_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.val_split)
-    train_set.validate()
-    val_set.validate()
+    train_set.validate(progress=verbose and main)
+    val_set.validate(progress=verbose and main)
     ckpt = None
     if resume:
         path = out / "last.pt" if resume == "auto" else Path(resume)
