@@ -50,7 +50,7 @@ def test_clip_shapes_norms_and_grid():
     assert t32.embed_dim == 32 and t32.kind == "clip"
 
 
-def test_clip_cls_is_the_clip_image_embedding():
+def test_clip_cls_and_text_match_open_clip():
     teacher = tiny_clip_teacher(32)
     torch.manual_seed(0)
     import open_clip
@@ -62,6 +62,9 @@ def test_clip_cls_is_the_clip_image_embedding():
     with torch.no_grad():
         ref = F.normalize(clip.encode_image((images - mean) / std), dim=-1)
     assert torch.allclose(teacher(images).cls, ref, atol=1e-5)
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=16)(["a photo of a cow."])), dim=-1)
+    assert torch.allclose(teacher.encode_text(["cow"]), text, atol=1e-5)
 
 
 def test_clip_dense_is_the_value_path_by_hand():

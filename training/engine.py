@@ -158,7 +158,7 @@ def train_one_epoch(model, source: TeacherSource, batches, optimizer, scheduler,
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if state["step"] % cfg.train.log_every == 0:
             n = sums.pop("n")
             rec = {"step": state["step"], **{k: v / n for k, v in sums.items()},

@@ -137,7 +137,10 @@ class ClipTextEncoder(nn.Module):
         x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
         x = text_global_pool(x, input_ids, self.pool_type, eos_token_id=self.eos_id)
-        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection
         return F.normalize(x, dim=-1)
 
 

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_CLIP
+from training.config import PLMConfig, TeacherConfig
+from training.data import to_tensor
+from training.datasets import SegmentationFolder
+from training.pixel_learning import PixelLearningModule, make_pseudo_labels, region_means
+from training.teacher_cache import TeacherCache
+from training.teachers import build_teacher
+
+
+def test_region_means_are_per_image_means_of_unit_features():
+    unit = F.normalize(torch.randn(2, 4, 3, 3), dim=1)
+    labels = torch.tensor([[[0, 0, 1], [1, 1, 255], [2, 2, 2]], [[2, 2, 2], [2, 2, 2], [2, 2, 2]]])
+    means, present = region_means(unit, labels, 3)
+    assert present.tolist() == [[True, True, True], [False, False, True]]
+    assert torch.allclose(means[0, 1], unit[0][:, labels[0] == 1].mean(1), atol=1e-6)
+    assert torch.allclose(means[1, 0], torch.zeros(4))
+
+
+@pytest.mark.parametrize("generator", ["decoder", "mlp", "centroid"])
+def test_ce_and_mse_are_finite_and_backpropagate(generator):
+    torch.manual_seed(0)
+    plm = PixelLearningModule(PLMConfig(generator=generator, decoder_heads=4), 8)
+    feats = torch.randn(2, 8, 6, 6, requires_grad=True)
+    text = F.normalize(torch.randn(3, 8), dim=-1)
+    pseudo = torch.full((2, 6, 6), 255)
+    pseudo[0, :3] = 0
+    pseudo[0, 3:] = 3  # pseudo region 0 of image 0
+    pseudo[1, :, :2] = 4  # pseudo region 1 of image 1
+    # image 1 has no seen class at all
+    out = plm(F.normalize(feats, dim=1), pseudo, F.normalize(torch.randn(2, 8), dim=-1), text, 20.0)
+    assert torch.isfinite(out["ce"]) and torch.isfinite(out["gen"]) and out["ce"] > 0
+    (out["ce"] + out["gen"]).backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
+    if generator != "centroid":
+        grads = [p.grad for p in plm.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_no_labelled_pixels_gives_zero_not_nan():
+    plm = PixelLearningModule(PLMConfig(decoder_heads=4), 8)
+    feats = torch.randn(1, 8, 4, 4, requires_grad=True)
+    out = plm(F.normalize(feats, dim=1), torch.full((1, 4, 4), 255), torch.randn(1, 8), torch.randn(2, 8), 20.0)
+    assert float(out["ce"]) == 0 and float(out["gen"]) == 0
+    (out["ce"] + out["gen"]).backward()
+
+
+def blobs(h=8, w=8, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=d), rng.normal(size=d)
+    tok = np.where((np.arange(w) < w // 2)[None, :, None], a, b) * np.ones((h, 1, 1))
+    return torch.from_numpy(tok + 0.01 * rng.normal(size=(h, w, d))).float().permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("case", ["none_ignored", "all_ignored", "small_grid", "identical"])
+def test_pseudo_labels_degenerate_inputs(case):
+    cfg = PLMConfig()
+    dense = blobs()
+    labels = torch.full((1, 32, 32), 255)
+    valid = torch.ones(1, 32, 32, dtype=torch.bool)
+    if case == "none_ignored":
+        labels[:] = 1
+    if case == "small_grid":
+        dense = dense[:, :, :2, :2]
+    if case == "identical":
+        dense = torch.ones(1, 16, 8, 8)
+    out = make_pseudo_labels(dense, labels, valid, num_seen=3, cfg=cfg)
+    ids = set(out.unique().tolist())
+    if case == "none_ignored":
+        assert ids == {1}
+    elif case == "identical":
+        assert ids == {3}  # exactly one region
+    else:
+        assert ids <= {3, 4, 5, 6, 255} and ids & {3, 4}
+    if case == "all_ignored":
+        assert len(ids - {255}) == 2  # the two blobs
+
+
+def test_pseudo_labels_never_overwrite_seen_pixels():
+    labels = torch.full((1, 32, 32), 255)
+    labels[0, :10, :] = 0
+    labels[0, 20:, 5:9] = 2
+    out = make_pseudo_labels(blobs(), labels, torch.ones(1, 32, 32, dtype=torch.bool), num_seen=3, cfg=PLMConfig())
+    seen = labels != 255
+    assert torch.equal(out[seen], labels[seen])
+    assert (out[~seen] >= 3).any()
+
+
+def test_cached_and_online_teacher_give_same_pseudo_labels(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=64))
+    folder = SegmentationFolder(tiny_data, "train")
+    cache = TeacherCache(tmp_path / "cache", teacher, folder, verbose=False)
+    size = teacher.input_size
+    cfg = PLMConfig(windows=(2, 3))
+    for i in range(len(folder)):
+        image = F.interpolate(to_tensor(folder.read_image(i))[None], size=(size, size), mode="bilinear", align_corners=False)
+        label = torch.from_numpy(np.array(folder.read_label(i), dtype=np.int64))
+        label = F.interpolate(label[None, None].float(), size=(size, size), mode="nearest")[0].long()
+        online = teacher(image)
+        cls, dense = cache.lookup(torch.tensor([i]), torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([False]))
+        assert torch.allclose(cls, online.cls, atol=2e-3)
+        valid = torch.ones_like(label, dtype=torch.bool)
+        a = make_pseudo_labels(online.dense, label, valid, 3, cfg)
+        b = make_pseudo_labels(dense, label, valid, 3, cfg)
+        assert torch.equal(a, b)
+
+
+def test_stale_cache_is_rebuilt(tiny_data, tmp_path, capsys):
+    torch.manual_seed(0)
+    folder = SegmentationFolder(tiny_data, "train")
+    t32 = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=32))
+    TeacherCache(tmp_path / "c", t32, folder, verbose=False)
+    t64 = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=64))
+    cache = TeacherCache(tmp_path / "c", t64, folder, verbose=True)
+    assert "stale" in capsys.readouterr().out
+    assert cache.dense.shape[-1] == 8
