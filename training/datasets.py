@@ -122,6 +122,34 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+def read_image_file(path: Path) -> np.ndarray:
+    """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
+    try:
+        with Image.open(path) as im:
+            return _to_rgb(im)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"image {path} cannot be read: {e}") from None
+
+
+def read_label_file(path: Path) -> np.ndarray:
+    """H x W uint8 stored label values (palette indices for 'P' PNGs), before any mapping."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "1") and not im.mode.startswith("I"):
+                raise DatasetError(f"label {path} is a {im.mode} image; expected a single-channel "
+                                   f"index PNG (palette or greyscale)")
+            raw = np.asarray(im)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"label {path} cannot be read: {e}") from None
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise DatasetError(f"label {path} has value {int(raw.max())} that does not fit uint8")
+        raw = raw.astype(np.uint8)
+    return raw
+
+
 class SegmentationFolder:
     """VOC-style folder exactly like ../shared/data/msrc21.
 
@@ -177,31 +205,11 @@ class SegmentationFolder:
 
     def read_image(self, i: int) -> np.ndarray:
         """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
-        path = self.image_path(i)
-        try:
-            with Image.open(path) as im:
-                return _to_rgb(im)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"image {path} cannot be read: {e}") from None
+        return read_image_file(self.image_path(i))
 
     def read_raw_label(self, i: int) -> np.ndarray:
         """H x W uint8 stored label values (palette indices for 'P' PNGs), before any mapping."""
-        path = self.label_path(i)
-        try:
-            with Image.open(path) as im:
-                if im.mode not in ("P", "L", "1") and not im.mode.startswith("I"):
-                    raise DatasetError(f"label {path} is a {im.mode} image; expected a single-channel "
-                                       f"index PNG (palette or greyscale)")
-                raw = np.asarray(im)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            if isinstance(e, DatasetError):
-                raise
-            raise DatasetError(f"label {path} cannot be read: {e}") from None
-        if raw.dtype != np.uint8:
-            if raw.size and (raw.min() < 0 or raw.max() > 255):
-                raise DatasetError(f"label {path} has value {int(raw.max())} that does not fit uint8")
-            raw = raw.astype(np.uint8)
-        return raw
+        return read_label_file(self.label_path(i))
 
     def read_label(self, i: int) -> np.ndarray:
         """H x W uint8 class ids 0..C-1 in `info.classes` order, `info.ignore_index` elsewhere."""

@@ -1,0 +1,73 @@
+"""Small wrappers that fix each exported graph's inputs and outputs (segment-anything's pattern).
+
+Each forward is straight-line tensor code: no Python branching on values, so the traced
+graph is valid for every batch, height, width and class count declared as a dynamic axis.
+
+    StudentOnnx     image B x 3 x H x W float [0, 1]     -> features B x D x H/4 x W/4
+    ClassifierOnnx  features B x D x h x w, class_embeddings C x D, bias C, out_size 2 (int64 H, W)
+                                                        -> logits B x C x h x w, labels B x H x W (int64)
+    TextEncoderOnnx input_ids B x L, attention_mask B x L -> embeddings B x D (unit)
+    TeacherOnnx     image B x 3 x S x S float [0, 1]     -> cls B x D, dense B x D x h x w (unit)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.student import Student, class_logits
+from training.teachers import Teacher
+
+
+class StudentOnnx(nn.Module):
+    """The whole image pass. The student normalises inside, so callers feed RGB in [0, 1]."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.student(image)
+
+
+class ClassifierOnnx(nn.Module):
+    """Class-conditioned head: cosine logits against any vocabulary, so a new vocabulary never re-runs the image.
+
+    logits stay at feature resolution (cheap, for score maps); labels are the argmax of the
+    logits bilinearly upsampled to out_size, exactly as `training.segmenter.predict_logits`.
+    """
+
+    def __init__(self, logit_scale: float):
+        super().__init__()
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
+                out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = class_logits(features, class_embeddings, self.logit_scale, bias)
+        # sizes taken from a tensor input are traced as graph values, not baked-in constants
+        up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
+        return logits, up.argmax(1)
+
+
+class TextEncoderOnnx(nn.Module):
+    """The teacher's text tower (MiniLM or CLIP text), already L2-normalising."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.encoder = teacher.text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask)
+
+
+class TeacherOnnx(nn.Module):
+    """The teacher's image encoder at its own square input size (the caller resizes)."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.teacher
+        out = t._embed((image - t.pixel_mean) / t.pixel_std)
+        return out.cls, out.dense
