@@ -4,7 +4,8 @@
     python training/pseudo_labels.py --data DIR --split val [--limit 8] --out DIR
 
 The teacher sees the whole image (as in cached mode). With a label, clustering is restricted to
-its ignored area, as in training; without one, every token is clustered. Writes per image:
+its ignored area, as in training (with --data, unseen-class pixels count as ignored, as in
+zero-shot training); without one, every token is clustered. Writes per image:
 <id>_k<k>.png for each window, <id>_fused.png, <id>_overlay.png and <id>_panel.png (all of
 them side by side with a legend of region sizes). The Gradio app calls the same functions.
 """
@@ -73,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{image.shape[1]}x{image.shape[0]}")
             jobs.append((Path(args.image).stem, image, label))
         else:
-            from training.datasets import build_dataset
+            from training.datasets import build_dataset, zero_shot_label
 
             folder = build_dataset(cfg.data.kind, args.data, args.split)
             folder.validate(check_labels=False)
             n = len(folder) if args.limit <= 0 else min(args.limit, len(folder))
-            jobs = [(folder.ids[i], folder.read_image(i), folder.read_label(i)) for i in range(n)]
+            # As in zero-shot training: unseen-class pixels are part of the ignored region.
+            jobs = [(folder.ids[i], folder.read_image(i), zero_shot_label(folder.read_label(i), folder.info))
+                    for i in range(n)]
         import torch
         from tqdm import tqdm
 
