@@ -25,6 +25,7 @@ class DataConfig:
     train_split: str = "train"  # split used for training
     val_split: str = "val"  # split used for periodic validation
     zero_shot: bool = True  # unseen-class pixels become ignore in training
+    holdout: tuple = ()  # seen classes also hidden in training (pseudo-unseen, to choose gamma without unseen labels)
     crop_size: int = 320  # square training crop side, pixels
     scale_range: tuple = (0.5, 2.0)  # random rescale range relative to `base_size`
     base_size: int = 320  # short side the image is rescaled to before the random scale

@@ -6,6 +6,7 @@ Under `torchrun` each process trains on its shard of every epoch (DDP, gloo on C
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import Config, save_config
+from training.config import Config, ConfigError, save_config
 from training.data import EpochSampler, EvalDataset, TrainDataset
 from training.datasets import SegmentationFolder, build_dataset
 from training.distill import Distiller, TeacherSource
@@ -186,10 +187,17 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, cfg, path)
 
+    info = train_set.info
+    unknown = [c for c in cfg.data.holdout if c not in info.seen]
+    if unknown:
+        raise ConfigError(f"data.holdout names {unknown}, which are not seen classes of {info.name}")
+    if cfg.data.holdout:
+        # Pseudo-unseen classes are hidden exactly like the unseen ones.
+        train_set.info = dataclasses.replace(info, unseen=list(info.unseen) + list(cfg.data.holdout))
+
     torch.manual_seed(cfg.train.seed)
     teacher = build_teacher(cfg.teacher).to(device)
-    info = train_set.info
-    vocabulary = info.seen if cfg.data.zero_shot else list(info.classes)
+    vocabulary = train_set.info.seen if cfg.data.zero_shot else list(info.classes)
     text_all = teacher.encode_text(list(info.classes), cfg.teacher.templates).cpu()
     text_cache = {c: e for c, e in zip(info.classes, text_all)}
     text_seen = torch.stack([text_cache[c] for c in vocabulary])

@@ -1,0 +1,84 @@
+"""PLM speed on this machine, in one run:
+
+1. K-Means (windows 3, 7) + fusion per image on a 32 x 32 x 512 token grid (target < 20 ms);
+2. training iterations per second with the online vs the cached teacher on the MSRC-21 config,
+   the same batches, measured side by side (target: cached >= 3x online).
+
+    python bench/plm.py [--steps 8] [--config training/configs/msrc21.yaml] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from bench.kmeans_timing import time_kmeans_fusion  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import EpochSampler, TrainDataset  # noqa: E402
+from training.datasets import build_dataset  # noqa: E402
+from training.distill import Distiller, TeacherSource  # noqa: E402
+from training.teacher_cache import TeacherCache  # noqa: E402
+from training.teachers import build_teacher  # noqa: E402
+
+
+def iterations_per_second(source: TeacherSource, core: Distiller, batches: list[dict]) -> float:
+    """Full training steps (teacher tokens, pseudo labels, forward, backward, AdamW) per second."""
+    opt = torch.optim.AdamW(core.parameters(), lr=1e-5)
+
+    def step(b: dict) -> None:
+        cls, dense = source(b)
+        pseudo = core.pseudo_labels(dense, b["label"], b["valid"])
+        losses = core(b["image"], b["label"], b["valid"], cls, pseudo)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+
+    step(batches[0])  # warm-up
+    start = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    return (len(batches) - 1) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="training/configs/msrc21.yaml")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cache-dir", default=None, help="reuse a teacher cache (default: a temp folder, built once)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    ms = time_kmeans_fusion()
+    print(f"K-Means (3, 7) + fusion, 32 x 32 x 512 tokens: {ms:.2f} ms/image (median of 50; target < 20)")
+
+    cfg = load_config(args.config, args.overrides)
+    torch.manual_seed(0)
+    folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
+    teacher = build_teacher(cfg.teacher)
+    info = folder.info
+    text = teacher.encode_text(info.seen, cfg.teacher.templates)
+    core = Distiller(cfg, teacher.embed_dim, text, info.ignore_index).train()
+    data = TrainDataset(folder, cfg.data, 0, True)
+    loader = iter(DataLoader(data, batch_sampler=EpochSampler(len(data), cfg.train.batch_size, 0), num_workers=0))
+    batches = [next(loader) for _ in range(args.steps + 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cache = TeacherCache(args.cache_dir or Path(tmp) / "cache", teacher, folder)
+        build = time.perf_counter() - t0
+        online = iterations_per_second(TeacherSource(teacher), core, batches)
+        cached = iterations_per_second(TeacherSource(teacher, cache), core, batches)
+    print(f"training, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, teacher {cfg.teacher.conse_backbone if cfg.teacher.kind == 'conse' else cfg.teacher.clip_model} "
+          f"@ {cfg.teacher.input_size}, {args.steps} steps each:")
+    print(f"  online teacher: {online:.3f} it/s")
+    print(f"  cached teacher: {cached:.3f} it/s   ({cached / online:.2f}x online; target >= 3x)")
+    print(f"  one-off cache build: {build:.1f} s for {len(folder)} images")
+
+
+if __name__ == "__main__":
+    main()
