@@ -155,7 +155,7 @@ def predict_ids(seg: Segmenter, folder, gamma: float) -> dict[str, np.ndarray]:
 def run_row(name: str, overrides: list[str], args, out: Path) -> dict:
     base = [f"train.iters={args.iters}", f"train.val_every=0", f"train.ckpt_every={args.iters}",
             f"teacher.cache_dir={out / 'teacher_cache'}"] + list(args.overrides)
-    record: dict = {"overrides": overrides}
+    record: dict = {"overrides": overrides, "iters": args.iters}
     zero_shot = "data.zero_shot=false" not in overrides
     val = build_dataset("folder", args.data, "val")
     if zero_shot:
@@ -282,35 +282,34 @@ def main() -> None:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild docs and the default model from finished rows")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = parser.parse_args()
     out, docs = Path(args.out), Path(args.docs)
     out.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    figures: dict[str, dict] = {}
     val = build_dataset("folder", args.data, "val")
-    for name in args.rows.split(","):
+    rows = [] if args.report_only else args.rows.split(",")
+    for name in rows:
+        if name not in ROWS:
+            raise SystemExit(f"unknown row '{name}'; rows: {', '.join(ROWS)}")
         print(f"== {name}", flush=True)
         if ROWS[name] is None:
             metrics, preds = teacher_predictions(load_config(CONFIG, list(args.overrides)), val)
             record = {"overrides": None, "metrics": metrics, "figure": preds}
         else:
             record = run_row(name, ROWS[name], args, out)
-        figures[name] = record.pop("figure")
-        np.savez_compressed(out / f"{name}_figure.npz", **figures[name])
-        results[name] = record
-        results_path.write_text(json.dumps(results, indent=1))
+        # One file per row, so rows can run in separate processes and the report gathers them.
+        np.savez_compressed(out / f"{name}_figure.npz", **record.pop("figure"))
+        (out / f"{name}_result.json").write_text(json.dumps(record, indent=1))
         m = record["metrics"]
         print(f"{name}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")), flush=True)
-    ordered = {n: results[n] for n in ROWS if n in results}
-    for n in ordered:
-        if n not in figures and (out / f"{n}_figure.npz").exists():
-            figures[n] = dict(np.load(out / f"{n}_figure.npz"))
-    prediction_figure(val, {n: figures[n] for n in ordered if n in figures}, docs / "msrc21_predictions.png")
+    ordered = {n: json.loads((out / f"{n}_result.json").read_text()) for n in ROWS if (out / f"{n}_result.json").exists()}
+    (out / "results.json").write_text(json.dumps(ordered, indent=1))
+    figures = {n: dict(np.load(out / f"{n}_figure.npz")) for n in ordered}
+    prediction_figure(val, figures, docs / "msrc21_predictions.png")
     write_results(ordered, args, out, docs)
-    if "full" in ordered and (out / "full" / "last.pt").exists():
+    if "full" in ordered and (args.report_only or "full" in rows) and (out / "full" / "last.pt").exists():
         default = Path(args.assets) / "msrc21_default.pt"
         strip_checkpoint(out / "full" / "last.pt", default, ordered["full"]["gamma"])
         write_model_card(default, val, args)

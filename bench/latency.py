@@ -1,0 +1,194 @@
+"""Latency at 512 x 512 on this machine: the exported student vs PyTorch vs the training-free ViT-B/16 path.
+
+    python bench/latency.py                      # exports an untrained MSRC-21 student (+ int8, fp16) to a temp bundle
+    python bench/latency.py --checkpoint runs/msrc21/last.pt
+    python bench/latency.py --bundle bundles/msrc21   # PyTorch row needs the bundle's source checkpoint
+
+Rows (ms per image, median of --runs runs after a warm-up):
+  student ONNX fp32 / int8 / fp16   Bundle.image_features on a 512 x 512 uint8 image
+  student PyTorch                   training.student.Student
+  ViT-B/16 dense (MaskCLIP)         training.teachers.ClipTeacher with RANDOM open_clip ViT-B-16 weights at
+                                    input 512 (1024 tokens): the training-free teacher path; speed only
+  text 20 / 200 names               Bundle.embed_text on names not in the cache (tokenizer + ONNX text encoder)
+Image rows take the faster of 1 thread and all cores: with other jobs on this CPU, all-core OpenMP
+runs can be 10x slower than one thread, which would distort the ratios either way.
+Variants also get their parity with the fp32 graph on a real image: mean feature cosine and the
+share of pixels whose argmax label agrees. Goal (issue 5): student ONNX >= 10x faster than ViT-B/16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+SIZE = 512
+MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
+
+
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def best_torch_ms(fn, runs: int) -> tuple[float, int]:
+    """(median ms, threads) at the faster of 1 thread and all cores: with other jobs on the machine,
+    torch's OpenMP threads can be 10x slower than one thread, which would flatter the ONNX rows."""
+    import torch
+
+    default = torch.get_num_threads()
+    best = (float("inf"), default)
+    for threads in sorted({1, default}):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            best = min(best, (median_ms(fn, runs), threads))
+    torch.set_num_threads(default)
+    return best
+
+
+def test_image() -> np.ndarray:
+    """A real MSRC-21 image resized to SIZE x SIZE (random pixels when the data is absent)."""
+    import cv2
+
+    paths = sorted((MSRC / "images").glob("*.jpg"))
+    if not paths:
+        return np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    image = cv2.cvtColor(cv2.imread(str(paths[len(paths) // 2])), cv2.COLOR_BGR2RGB)
+    return cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+
+
+def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
+    """Export `checkpoint` (default: an untrained student with the MSRC-21 config) with int8 and fp16."""
+    from export.bundle import export_bundle, write_untrained_checkpoint
+    from training.config import load_config
+
+    teacher = None
+    if checkpoint is None:
+        cfg = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "msrc21.yaml")
+        cfg.data.root = str(MSRC)
+        info = json.loads((MSRC / "dataset.json").read_text()) if (MSRC / "dataset.json").is_file() else None
+        classes = info["classes"] if info else ["building", "grass", "tree", "cow", "sky", "water"]
+        seen = [c for c in classes if c not in (info["unseen"] if info else [])]
+        checkpoint = str(work / "untrained.pt")
+        teacher = write_untrained_checkpoint(cfg, classes, seen, checkpoint)
+    out = work / "bundle"
+    export_bundle(checkpoint, out, int8=True, fp16=True, teacher=teacher, log=lambda *_: None)
+    return out, checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", help="existing bundle folder")
+    parser.add_argument("--checkpoint", help="checkpoint to export (and time in PyTorch)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per row (ViT-B/16: a third of it, >= 3)")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="latency_"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    import torch
+
+    from export.runtime import Bundle
+
+    if args.bundle:
+        folder = Path(args.bundle)
+        checkpoint = args.checkpoint or json.loads((folder / "bundle.json").read_text())["source"]["checkpoint"]
+    else:
+        t = time.perf_counter()
+        folder, checkpoint = make_bundle(args.checkpoint, work)
+        print(f"exported {folder} in {time.perf_counter() - t:.0f} s")
+
+    image = test_image()
+    x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+    rows: list[tuple[str, float, str]] = []
+    base = Bundle(folder, verbose=True)
+    ref_feats = base.image_features(image, size=SIZE)
+    names = base.meta["text_cache"]["names"]
+    ref_labels = base.segment(image, names, size=SIZE)
+    for precision in ("fp32", "int8", "fp16"):
+        if f"student_{precision}" not in base.meta["files"] and precision != "fp32":
+            rows.append((f"student ONNX {precision}", float("nan"), "not in the bundle"))
+            continue
+        timings = []
+        for threads in sorted({1, len(os.sched_getaffinity(0))}):  # the faster, as for PyTorch (see best_torch_ms)
+            b = Bundle(folder, precision=precision, verify=False, verbose=False, threads=threads)
+            timings.append((median_ms(lambda: b.image_features(image, size=SIZE), args.runs), threads))
+        ms, threads = min(timings)  # image_features includes the uint8 -> float input
+        note = f"best at {threads} thread(s)"
+        if precision != "fp32":
+            f = b.image_features(image, size=SIZE)
+            cos = ((f * ref_feats).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(ref_feats, axis=1)).mean()
+            agree = (b.segment(image, names, size=SIZE) == ref_labels).mean()
+            note += f"; vs fp32: feature cos {cos:.4f}, labels agree {100 * agree:.2f}%"
+        rows.append((f"student ONNX {precision}", ms, note))
+
+    if Path(checkpoint).is_file():
+        from training.segmenter import Segmenter
+
+        student = Segmenter.from_checkpoint(checkpoint).student.eval()
+        xt = torch.from_numpy(x)
+        ms, threads = best_torch_ms(lambda: student(xt), args.runs)
+        rows.append(("student PyTorch", ms, f"best at {threads} torch thread(s)"))
+    else:
+        rows.append(("student PyTorch", float("nan"), f"checkpoint {checkpoint} not found"))
+
+    import open_clip
+
+    from training.teachers import ClipTeacher
+
+    torch.manual_seed(0)
+    vit = ClipTeacher(input_size=SIZE, clip_config=open_clip.get_model_config("ViT-B-16"))
+    xt = torch.from_numpy(x)
+    ms, threads = best_torch_ms(lambda: vit(xt), max(3, args.runs // 3))
+    rows.append(("ViT-B/16 dense (MaskCLIP, random)", ms, f"{(SIZE // 16) ** 2} tokens, best at {threads} torch thread(s)"))
+    del vit
+
+    from training.teachers import imagenet_class_names
+
+    imagenet = imagenet_class_names()
+    for n in (20, 200):
+        def embed():
+            base.clear_text_cache()
+            base.embed_text(imagenet[:n])
+        rows.append((f"text {n} names ({base.teacher_kind})", median_ms(embed, max(3, args.runs // 2)),
+                     f"{len(base.templates)} template(s)"))
+
+    print(f"\nlatency at {SIZE} x {SIZE}, provider {base.provider}, median ms per image")
+    width = max(len(r[0]) for r in rows)
+    for name, ms, note in rows:
+        print(f"  {name:<{width}}  {ms:9.1f}  {note}")
+    ms = {name: v for name, v, _ in rows}
+    vit_ms = ms["ViT-B/16 dense (MaskCLIP, random)"]
+    print("\nratios (ViT-B/16 dense / student):")
+    for name in [r[0] for r in rows if r[0].startswith("student")]:
+        if ms[name] == ms[name]:  # not nan
+            print(f"  {name:<{width}}  {vit_ms / ms[name]:6.1f}x")
+    fp32 = ms["student ONNX fp32"]
+    verdict = "met" if vit_ms / fp32 >= 10 else "NOT met"
+    print(f"goal student ONNX >= 10x faster than ViT-B/16 dense: {verdict} ({vit_ms / fp32:.1f}x)")
+    if ms.get("student PyTorch", float("nan")) == ms.get("student PyTorch"):
+        print(f"student ONNX fp32 vs PyTorch: {ms['student PyTorch'] / fp32:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Write a self-describing ONNX bundle from a training checkpoint (segment-anything's export pattern).
+
+    export_bundle("runs/msrc21/last.pt", "bundles/msrc21", int8=True)
+
+The bundle folder holds
+    student.onnx       image B x 3 x H x W float RGB [0, 1] -> features B x D x H/4 x W/4
+    classifier.onnx    features, class_embeddings C x D, bias C, out_size (H, W) -> logits B x C x h x w, labels B x H x W
+    text_encoder.onnx  input_ids, attention_mask -> embeddings B x D (unit), plus its tokenizer file
+    teacher.onnx       image B x 3 x S x S float RGB [0, 1] -> cls B x D, dense B x D x h x w (S = teacher input size)
+    student.int8.onnx / student.fp16.onnx   optional variants
+    bundle.json        everything `export.runtime.Bundle` needs (vocabulary, gamma, scale, sizes, templates,
+                       cached text embeddings, versions, sha256 of every file)
+Every graph uses opset OPSET, named inputs and explicit dynamic axes, passes `onnx.checker`, and is
+run once by onnxruntime against PyTorch before the folder is published. Files are written to a
+temp folder next to the target, which is renamed at the end, so a bundle is never half-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
+from export.runtime import BUNDLE_FORMAT, resize_short
+from training.checkpoint import save_checkpoint
+from training.config import Config
+from training.segmenter import Segmenter
+from training.student import Student
+from training.teachers import MINILM_MAX_TOKENS, Teacher, build_teacher, minilm_folder
+
+OPSET = 17
+TEACHER_KINDS = ("clip", "conse")
+CALIBRATION_IMAGES = 16  # int8 activation ranges come from this many training images
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                dynamic_axes: dict) -> list[np.ndarray]:
+    """Trace `module` to `path`, check it, run it once in onnxruntime and compare with PyTorch.
+
+    Returns the onnxruntime outputs on `args`. Inputs the graph does not use (CLIP's
+    attention_mask) are dropped by the exporter and so not fed.
+    """
+    module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic; trace the plain ops instead
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            # the TorchScript exporter is deprecated in favour of torch.export, but is the one that
+            # takes explicit dynamic_axes for HF/timm models without guards; tracer warnings are expected
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        ref = module(*args)
+    ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {name: a.numpy() for name, a in zip(inputs, args)}
+    got = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+    for name, r, g in zip(outputs, ref, got):
+        r = r.numpy()
+        ok = np.array_equal(r, g) if r.dtype.kind == "i" else np.allclose(r, g, rtol=1e-3, atol=1e-4)
+        if r.shape != g.shape or not ok:
+            raise RuntimeError(f"{path.name}: onnxruntime output '{name}' differs from PyTorch on the dummy input")
+    return got
+
+
+def check_teacher(teacher: Teacher, seg: Segmenter, checkpoint: str | Path) -> None:
+    """The text tower must be the one that embedded the checkpoint's classes, or cached and new embeddings disagree."""
+    if teacher.kind != seg.cfg.teacher.kind:
+        raise ValueError(f"checkpoint {checkpoint} was trained with teacher '{seg.cfg.teacher.kind}', "
+                         f"got a '{teacher.kind}' teacher")
+    if teacher.embed_dim != seg.student.embed_dim:
+        raise ValueError(f"checkpoint {checkpoint}: student embeds in {seg.student.embed_dim}-d, "
+                         f"teacher in {teacher.embed_dim}-d")
+    if seg.teacher_fingerprint and teacher.fingerprint() != seg.teacher_fingerprint:
+        raise ValueError(f"checkpoint {checkpoint} was trained with another teacher (fingerprint {seg.teacher_fingerprint}, "
+                         f"this machine builds {teacher.fingerprint()}); its text embeddings would not match")
+
+
+def calibration_images(cfg: Config, n: int = CALIBRATION_IMAGES, log=print) -> list[np.ndarray]:
+    """Up to n training images (short side eval_size, centre-cropped square) as 1 x 3 x S x S float [0, 1];
+    random images when the dataset is not on this machine."""
+    size = cfg.data.eval_size
+    try:
+        from training.datasets import build_dataset
+
+        folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
+        picks = np.linspace(0, len(folder) - 1, min(n, len(folder))).astype(int)
+        images = [resize_short(folder.read_image(int(i)), size) for i in picks]
+    except Exception as err:  # noqa: BLE001 - any missing/broken dataset falls back to random
+        log(f"export: int8 calibration: dataset {cfg.data.root} unavailable ({type(err).__name__}); using random images")
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    out = []
+    for im in images:
+        h, w = im.shape[:2]
+        y, x = (h - size) // 2, (w - size) // 2
+        crop = im[y: y + size, x: x + size]
+        out.append(np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0)
+    return out
+
+
+def quantize_int8(src: Path, dst: Path, images: list[np.ndarray]) -> None:
+    """Static QDQ int8 (per-channel weights, calibrated activations) of the student for CPU.
+
+    Only full convolutions after the stem are quantised: the shape arithmetic of timm's 'same'
+    padding must stay float (quantising it fixes the padding to the calibration size), and the stem
+    and depthwise convolutions lose the most accuracy for the least time (on a briefly trained
+    MSRC-21 student, int8 features keep cosine ~0.89 to fp32 with them quantised, ~0.99 without).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": im} for im in images])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    model = onnx.load(str(pre))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    excluded = [convs[0].name] + [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["Conv"],
+                    nodes_to_exclude=excluded)
+    pre.unlink()
+    onnx.checker.check_model(str(dst))
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder graph.node in place so every node comes after the producers of its inputs (stable)."""
+    done = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    order, pending = [], list(graph.node)
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in done for i in node.input):
+                order.append(node)
+                done.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def convert_fp16(src: Path, dst: Path) -> str | None:
+    """fp16 weights and activations with fp32 inputs/outputs (for GPUs). Returns None, or why it was skipped."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as err:
+        return f"onnxruntime.transformers.float16 is not available ({err})"
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    topological_sort(model.graph)  # the converter appends the input casts after their consumers
+    onnx.save(model, str(dst))
+    onnx.checker.check_model(str(dst))
+    return None
+
+
+def versions() -> dict:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": OPSET,
+            "clipteacher": version("clipteacher"), "timm": version("timm"), "open_clip": version("open_clip_torch")}
+
+
+def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str | Path, int8: bool, fp16: bool,
+                 log=print) -> None:
+    """Write every file of the bundle into an existing empty `folder`."""
+    cfg, student, dim = seg.cfg, seg.student.cpu().eval(), seg.student.embed_dim
+    teacher = teacher.cpu().eval()
+    files, notes = {}, {}
+
+    log("export: student.onnx")
+    size = cfg.data.eval_size
+    (feats,) = export_onnx(StudentOnnx(student), (torch.rand(1, 3, size, size),), folder / "student.onnx", ["image"],
+                           ["features"], {"image": {0: "batch", 2: "height", 3: "width"},
+                                          "features": {0: "batch", 2: "feature_height", 3: "feature_width"}})
+    files["student"] = "student.onnx"
+    stride = size // feats.shape[-1]
+
+    log("export: classifier.onnx")
+    text = torch.nn.functional.normalize(torch.randn(3, dim), dim=-1)
+    export_onnx(ClassifierOnnx(cfg.student.logit_scale),
+                (torch.randn(1, dim, 12, 10), text, torch.tensor([0.0, 0.0, 1.5]), torch.tensor([48, 40])),
+                folder / "classifier.onnx", ["features", "class_embeddings", "bias", "out_size"], ["logits", "labels"],
+                {"features": {0: "batch", 2: "feature_height", 3: "feature_width"}, "class_embeddings": {0: "classes"},
+                 "bias": {0: "classes"}, "logits": {0: "batch", 1: "classes", 2: "feature_height", 3: "feature_width"},
+                 "labels": {0: "batch", 1: "height", 2: "width"}})
+    files["classifier"] = "classifier.onnx"
+
+    log("export: text_encoder.onnx")
+    if teacher.kind == "conse":
+        from transformers import AutoTokenizer
+
+        shutil.copy(Path(minilm_folder()) / "tokenizer.json", folder / "tokenizer.json")
+        pad = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True).pad_token
+        tokenizer = {"kind": "wordpiece", "file": "tokenizer.json", "max_length": MINILM_MAX_TOKENS, "pad_token": pad}
+        length_axis = {1: "length"}
+    else:
+        from open_clip.tokenizer import default_bpe
+
+        shutil.copy(default_bpe(), folder / Path(default_bpe()).name)
+        context = int(teacher.text_encoder.positional_embedding.shape[0])
+        tokenizer = {"kind": "clip_bpe", "file": Path(default_bpe()).name, "context_length": context}
+        length_axis = {}  # CLIP's positional embedding and causal mask fix the length
+    tok = teacher.tokenize(["a photo of a cat.", "t-shirt"])
+    export_onnx(TextEncoderOnnx(teacher), (tok["input_ids"], tok["attention_mask"]), folder / "text_encoder.onnx",
+                ["input_ids", "attention_mask"], ["embeddings"],
+                {"input_ids": {0: "batch", **length_axis}, "attention_mask": {0: "batch", **length_axis},
+                 "embeddings": {0: "batch"}})
+    files["text_encoder"] = "text_encoder.onnx"
+    files["tokenizer"] = tokenizer["file"]
+
+    log("export: teacher.onnx")
+    s = teacher.input_size
+    export_onnx(TeacherOnnx(teacher), (torch.rand(1, 3, s, s),), folder / "teacher.onnx", ["image"], ["cls", "dense"],
+                {"image": {0: "batch"}, "cls": {0: "batch"}, "dense": {0: "batch"}})
+    files["teacher"] = "teacher.onnx"
+
+    if int8:
+        log("export: student.int8.onnx")
+        quantize_int8(folder / "student.onnx", folder / "student.int8.onnx", calibration_images(cfg, log=log))
+        files["student_int8"] = "student.int8.onnx"
+    if fp16:
+        log("export: student.fp16.onnx")
+        skipped = convert_fp16(folder / "student.onnx", folder / "student.fp16.onnx")
+        if skipped:
+            log(f"export: fp16 skipped: {skipped}")
+            notes["fp16"] = f"skipped: {skipped}"
+        else:
+            files["student_fp16"] = "student.fp16.onnx"
+
+    names = list(seg.text_cache)
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "files": files,
+        "vocabulary": list(seg.vocabulary),
+        "gamma": float(seg.gamma),
+        "logit_scale": float(cfg.student.logit_scale),
+        "embed_dim": dim,
+        "feature_stride": int(stride),
+        "eval_size": int(cfg.data.eval_size),
+        "input": {
+            "student": {"layout": "B x 3 x H x W", "color": "RGB", "range": [0.0, 1.0], "normalised_in_graph": True,
+                        "mean": student.mean.flatten().tolist(), "std": student.std.flatten().tolist()},
+            "teacher": {"layout": "B x 3 x S x S", "color": "RGB", "range": [0.0, 1.0], "normalised_in_graph": True,
+                        "size": teacher.input_size, "mean": teacher.pixel_mean.flatten().tolist(),
+                        "std": teacher.pixel_std.flatten().tolist()},
+        },
+        "teacher": {"kind": teacher.kind, "input_size": teacher.input_size, "fingerprint": teacher.fingerprint(),
+                    "templates": list(cfg.teacher.templates), "tokenizer": tokenizer},
+        # float32 -> Python float -> JSON round-trips exactly
+        "text_cache": {"names": names, "embeddings": [[float(v) for v in seg.text_cache[n].float()] for n in names]},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "student_backbone": cfg.student.backbone},
+        "versions": versions(),
+        "notes": notes,
+        "checksums": {name: sha256(folder / name) for name in sorted(set(files.values()))},
+    }
+    (folder / "bundle.json").write_text(json.dumps(meta, indent=1))
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, int8: bool = False, fp16: bool = False,
+                  teacher: Teacher | None = None, log=print) -> Path:
+    """Checkpoint -> bundle folder `out` (must not exist). `teacher` reuses an already built teacher
+    (checked against the checkpoint's fingerprint). Errors are one line; nothing is left behind on failure."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"output folder already exists: {out} (choose another --out or remove it)")
+    seg = Segmenter.from_checkpoint(checkpoint)
+    kind = seg.cfg.teacher.kind
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"checkpoint {checkpoint}: unknown teacher.kind '{kind}'; valid kinds: {', '.join(TEACHER_KINDS)}")
+    if teacher is None:
+        torch.manual_seed(seg.cfg.train.seed)  # as training does, so random test CLIPs (clip_config) are rebuilt exactly
+        teacher = build_teacher(seg.cfg.teacher)
+    check_teacher(teacher, seg, checkpoint)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        write_bundle(tmp, seg, teacher, checkpoint, int8, fp16, log)
+        if out.exists():
+            raise FileExistsError(f"output folder appeared during export: {out}")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"export: wrote {out}")
+    return out
+
+
+def write_untrained_checkpoint(cfg: Config, classes: list[str], vocabulary: list[str], path: str | Path,
+                               teacher: Teacher | None = None) -> Teacher:
+    """A checkpoint of an untrained student (for smoke tests and the latency benchmark). Returns the teacher."""
+    torch.manual_seed(cfg.train.seed)
+    teacher = teacher or build_teacher(cfg.teacher)
+    text = teacher.encode_text(list(classes), cfg.teacher.templates)
+    torch.manual_seed(cfg.train.seed)
+    student = Student(cfg.student, teacher.embed_dim)
+    save_checkpoint({
+        "config": cfg.to_dict(), "model": {f"student.{k}": v for k, v in student.state_dict().items()},
+        "vocabulary": list(vocabulary), "text_cache": dict(zip(classes, text)), "embed_dim": teacher.embed_dim,
+        "gamma": cfg.train.gamma, "teacher_fingerprint": teacher.fingerprint(), "step": 0, "metrics": {},
+    }, path)
+    return teacher

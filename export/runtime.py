@@ -1,0 +1,251 @@
+"""Run an exported bundle with onnxruntime and numpy only (no torch): the app's whole model API.
+
+    from export.runtime import Bundle
+    bundle = Bundle("bundles/msrc21")            # CUDA when onnxruntime can use it, else CPU
+    bundle.provider                               # "CUDAExecutionProvider" | "CPUExecutionProvider"
+    labels = bundle.segment(image, ["cow", "grass", "zebra"])          # H x W int64 indices into the names
+
+or step by step, so a new vocabulary never re-runs the image pass:
+    feats = bundle.image_features(image)                                # 1 x D x h x w float32
+    text = bundle.embed_text(["cow", "grass", "zebra"])                 # C x D float32, unit rows
+    bias = bundle.unseen_bias(["cow", "grass", "zebra"])                # C float32: +gamma outside the training vocabulary
+    labels, logits = bundle.classify(feats, text, bias, out_size=image.shape[:2])  # H x W int64, C x h x w float32
+    cls, dense = bundle.teacher_tokens(image)                           # D, D x h' x w' (unit; teacher space)
+
+Images are H x W x 3 uint8 RGB. `image_features` resizes to a short side of `size` (default
+`bundle.eval_size`, the training evaluation size) with OpenCV's bilinear resize, exactly as the
+training evaluation does; the student graph normalises inside, so it is fed RGB in [0, 1].
+`classify` returns logits at feature resolution (cheap score maps; softmax them for
+probabilities) and labels computed in the graph from logits bilinearly upsampled to out_size.
+`embed_text` averages the prompt templates and L2-normalises, as `Teacher.encode_text`; names of
+the checkpoint's dataset are served from the cached embeddings in bundle.json when the templates
+are the bundle's, and every newly embedded name is cached until `clear_text_cache()`.
+
+Attributes: folder, meta (bundle.json), provider, precision, vocabulary, gamma, logit_scale,
+embed_dim, eval_size, templates, teacher_kind, teacher_input_size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+BUNDLE_FORMAT = "clipteacher-bundle-v1"
+TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
+log = logging.getLogger(__name__)
+
+
+def resize_short(image: np.ndarray, short: int) -> np.ndarray:
+    """H x W x 3 uint8 -> short side `short`, aspect kept (same rounding as training.data)."""
+    h, w = image.shape[:2]
+    s = short / min(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+
+
+def to_input(image: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 -> 1 x 3 x H x W float32 in [0, 1]."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+
+
+def check_image(image) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {got}")
+    return image
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Bundle:
+    """An exported bundle loaded with onnxruntime. See the module docstring for the API.
+
+    precision: "fp32" | "int8" | "fp16" picks the student graph (the variant must have been exported).
+    providers: force onnxruntime providers; default CUDA when usable, else CPU.
+    verify: check every file's sha256 against bundle.json.
+    threads: onnxruntime intra-op threads per session (None: onnxruntime's default, all cores).
+    """
+
+    def __init__(self, folder: str | Path, precision: str = "fp32", providers: list[str] | None = None,
+                 verify: bool = True, verbose: bool = True, threads: int | None = None):
+        self.folder = Path(folder)
+        path = self.folder / "bundle.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"not a bundle (no bundle.json): {self.folder}")
+        self.meta = meta = json.loads(path.read_text())
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected '{BUNDLE_FORMAT}'")
+        if verify:
+            for name, digest in meta["checksums"].items():
+                if not (self.folder / name).is_file() or _sha256(self.folder / name) != digest:
+                    raise ValueError(f"bundle file {self.folder / name} is missing or does not match its checksum")
+        key = {"fp32": "student", "int8": "student_int8", "fp16": "student_fp16"}.get(precision)
+        if key is None or key not in meta["files"]:
+            raise ValueError(f"precision '{precision}' is not in bundle {self.folder}; "
+                             f"exported: {', '.join(k for k in meta['files'] if k.startswith('student'))}")
+        self.precision = precision
+        self._options = ort.SessionOptions()
+        if threads:
+            self._options.intra_op_num_threads = int(threads)
+        self.vocabulary: list[str] = meta["vocabulary"]
+        self.gamma = float(meta["gamma"])
+        self.logit_scale = float(meta["logit_scale"])
+        self.embed_dim = int(meta["embed_dim"])
+        self.eval_size = int(meta["eval_size"])
+        self.stride = int(meta["feature_stride"])
+        self.templates = tuple(meta["teacher"]["templates"])
+        self.teacher_kind = meta["teacher"]["kind"]
+        self.teacher_input_size = int(meta["teacher"]["input_size"])
+        self.clear_text_cache()
+
+        self.provider, self._providers = self._choose_provider(meta["files"][key], providers)
+        msg = f"export.runtime: {self.folder.name} on {self.provider} ({precision} student)"
+        log.info(msg)
+        if verbose:
+            print(msg)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ sessions
+
+    def _choose_provider(self, student_file: str, providers: list[str] | None) -> tuple[str, list[str]]:
+        """Create the student session with CUDA first when listed; onnxruntime falls back to CPU when
+        CUDA cannot load (its failure messages are silenced for this probe)."""
+        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                               if p in ort.get_available_providers()]
+        ort.set_default_logger_severity(4)
+        try:
+            sess = ort.InferenceSession(str(self.folder / student_file), self._options, providers=wanted)
+        finally:
+            ort.set_default_logger_severity(2)
+        self._student = sess
+        chosen = sess.get_providers()[0]
+        return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
+
+    def _session(self, key: str) -> ort.InferenceSession:
+        """Lazily created session for meta['files'][key] (teacher and text encoder load only when used)."""
+        if key not in self._sessions:
+            self._sessions[key] = ort.InferenceSession(str(self.folder / self.meta["files"][key]), self._options,
+                                                       providers=self._providers)
+        return self._sessions[key]
+
+    @staticmethod
+    def _run(sess: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
+        # an exported graph drops inputs it does not use (CLIP's attention_mask)
+        return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+
+    # ------------------------------------------------------------------ image
+
+    def image_features(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
+        """H x W x 3 uint8 RGB -> 1 x D x h x w float32 (unnormalised), h, w = resized size / stride."""
+        x = to_input(resize_short(check_image(image), size or self.eval_size))
+        return self._student.run(None, {"image": x})[0]
+
+    def classify(self, features: np.ndarray, class_embeddings: np.ndarray, bias: np.ndarray | None = None,
+                 out_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """features 1 x D x h x w, class_embeddings C x D (unit), bias C (default 0) ->
+        (labels out_size H x W int64, logits C x h x w float32). out_size defaults to (h, w) * stride."""
+        if features.ndim != 4 or features.shape[0] != 1 or features.shape[1] != self.embed_dim:
+            raise ValueError(f"features must be 1 x {self.embed_dim} x h x w, got {features.shape}")
+        text = np.asarray(class_embeddings, dtype=np.float32)
+        if text.ndim != 2 or text.shape[1] != self.embed_dim or len(text) == 0:
+            raise ValueError(f"class_embeddings must be C x {self.embed_dim} with C >= 1, got {text.shape}")
+        bias = np.zeros(len(text), np.float32) if bias is None else np.asarray(bias, dtype=np.float32).reshape(-1)
+        if len(bias) != len(text):
+            raise ValueError(f"bias has {len(bias)} entries for {len(text)} classes")
+        if out_size is None:
+            out_size = (features.shape[2] * self.stride, features.shape[3] * self.stride)
+        logits, labels = self._session("classifier").run(None, {
+            "features": features.astype(np.float32, copy=False), "class_embeddings": text, "bias": bias,
+            "out_size": np.asarray(out_size[:2], dtype=np.int64)})
+        return labels[0], logits[0]
+
+    def segment(self, image: np.ndarray, names: list[str], gamma: float | None = None,
+                size: int | None = None) -> np.ndarray:
+        """H x W x 3 uint8 RGB -> H x W int64 indices into `names` (unseen names get +gamma)."""
+        features = self.image_features(image, size)
+        labels, _ = self.classify(features, self.embed_text(names), self.unseen_bias(names, gamma), image.shape[:2])
+        return labels
+
+    def teacher_tokens(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """H x W x 3 uint8 RGB -> (cls D, dense D x h x w), both unit vectors in the text space.
+
+        The image is resized (aspect not kept) to the teacher's square input size, as in training."""
+        s = self.teacher_input_size
+        x = to_input(cv2.resize(check_image(image), (s, s), interpolation=cv2.INTER_LINEAR))
+        cls, dense = self._session("teacher").run(None, {"image": x})
+        return cls[0], dense[0]
+
+    # ------------------------------------------------------------------ text
+
+    def unseen_bias(self, names: list[str], gamma: float | None = None) -> np.ndarray:
+        """C float32: gamma (default the bundle's) for names outside the training vocabulary, 0 otherwise."""
+        g = self.gamma if gamma is None else float(gamma)
+        known = set(self.vocabulary)
+        return np.array([0.0 if n in known else g for n in names], dtype=np.float32)
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """texts -> dict(input_ids B x L int64, attention_mask B x L int64), as the teacher's tokenizer."""
+        spec = self.meta["teacher"]["tokenizer"]
+        if self._tokenizer is None:
+            path = str(self.folder / spec["file"])
+            if spec["kind"] == "wordpiece":
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(path)
+                # as transformers' (padding=True, truncation=True, max_length=...): pad to the longest
+                tok.enable_truncation(max_length=int(spec["max_length"]))
+                tok.enable_padding(pad_id=tok.token_to_id(spec["pad_token"]), pad_token=spec["pad_token"])
+                self._tokenizer = tok
+            elif spec["kind"] == "clip_bpe":
+                from export.clip_tokenizer import ClipTokenizer
+
+                self._tokenizer = ClipTokenizer(path, int(spec["context_length"]))
+            else:
+                raise ValueError(f"bundle {self.folder}: unknown tokenizer kind '{spec['kind']}'")
+        if spec["kind"] == "wordpiece":
+            enc = self._tokenizer.encode_batch(list(texts))
+            return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                    "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
+        ids = self._tokenizer(list(texts))
+        return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Raw texts (already prompted) -> B x D unit embeddings through the text encoder."""
+        sess = self._session("text_encoder")
+        out = [self._run(sess, self.tokenize(texts[i: i + TEXT_BATCH]))[0] for i in range(0, len(texts), TEXT_BATCH)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def clear_text_cache(self) -> None:
+        """Forget names embedded since loading; keep the cached embeddings from bundle.json."""
+        cache = self.meta["text_cache"]
+        vectors = np.asarray(cache["embeddings"], dtype=np.float32).reshape(len(cache["names"]), self.embed_dim)
+        self._text_cache = {(self.templates, n): v for n, v in zip(cache["names"], vectors)}
+
+    def embed_text(self, names: list[str], templates: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
+        """C class names -> C x D float32: the L2-normalised mean of the prompted names' embeddings."""
+        if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"embed_text expects a non-empty list of names, got {names!r}")
+        templates = self.templates if templates is None else tuple(templates)
+        if isinstance(templates, str) or len(templates) == 0 or any("{}" not in t for t in templates):
+            raise ValueError(f"each prompt template must contain '{{}}', got {templates!r}")
+        missing = list(dict.fromkeys(n for n in names if (templates, n) not in self._text_cache))
+        if missing:
+            texts = [t.format(n) for n in missing for t in templates]
+            emb = self.encode_texts(texts).reshape(len(missing), len(templates), -1).mean(1)
+            self._text_cache.update({(templates, n): e for n, e in zip(missing, _normalize(emb))})
+        return np.stack([self._text_cache[(templates, n)] for n in names])
