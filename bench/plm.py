@@ -64,7 +64,7 @@ def main() -> None:
     info = folder.info
     text = teacher.encode_text(info.seen, cfg.teacher.templates)
     core = Distiller(cfg, teacher.embed_dim, text, info.ignore_index).train()
-    data = TrainDataset(folder, cfg.data, 0, True)
+    data = TrainDataset(folder, cfg.data, 0, info.seen)
     loader = iter(DataLoader(data, batch_sampler=EpochSampler(len(data), cfg.train.batch_size, 0), num_workers=0))
     batches = [next(loader) for _ in range(args.steps + 1)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,18 +12,19 @@ TINY_CLIP = dict(
     vision_cfg={"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 )
-CLASSES = ["sky", "grass", "cow", "cat"]
+CLASSES = ["sky", "cat", "grass", "cow"]
 UNSEEN = ["cat"]
-COLORS = np.array([[90, 150, 230], [40, 160, 40], [120, 80, 40], [200, 200, 200]], dtype=np.uint8)
+# The unseen class sits in the middle of the list so training must re-index labels into its vocabulary.
+COLORS = np.array([[90, 150, 230], [200, 200, 200], [40, 160, 40], [120, 80, 40]], dtype=np.uint8)  # class order
 
 
 def synthetic_sample(rng: np.random.Generator, h: int = 48, w: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Sky over grass with a cow and a cat box, a void band: H x W x 3 image, H x W label."""
     label = np.zeros((h, w), dtype=np.uint8)
-    label[h // 2 :] = 1
+    label[h // 2 :] = 2  # grass
     y, x = rng.integers(4, h // 2), rng.integers(0, w // 2)
-    label[y : y + 14, x : x + 18] = 2
-    label[y : y + 12, x + 22 : x + 36] = 3
+    label[y : y + 14, x : x + 18] = 3  # cow
+    label[y : y + 12, x + 22 : x + 36] = 1  # cat
     label[:, :3] = 255
     image = COLORS[np.minimum(label, 3)].astype(np.int16) + rng.integers(-12, 12, (h, w, 3))
     image[label == 255] = 10

@@ -24,7 +24,7 @@ def quadrant_dataset(tmp_path, n=3):
 def test_augmentation_keeps_image_and_label_aligned(tmp_path):
     folder = quadrant_dataset(tmp_path)
     cfg = DataConfig(crop_size=48, base_size=40, scale_range=(0.7, 1.6), photometric=False)
-    ds = TrainDataset(folder, cfg, seed=0, zero_shot=False)
+    ds = TrainDataset(folder, cfg, seed=0, vocabulary=["a", "b", "c", "d"])
     for epoch in range(6):
         item = ds[(epoch % 3, epoch)]
         img = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(int)
@@ -38,18 +38,20 @@ def test_augmentation_keeps_image_and_label_aligned(tmp_path):
         assert (lab[~item["valid"].numpy()] == 255).all()
 
 
-def test_zero_shot_hides_unseen_pixels(tmp_path):
+def test_labels_index_the_training_vocabulary(tmp_path):
+    """Unseen class in the middle of the class list: later classes must shift down, unseen -> ignore."""
     folder = quadrant_dataset(tmp_path)
     cfg = DataConfig(crop_size=40, base_size=40, scale_range=(1.0, 1.0), flip=False, photometric=False)
-    lab = TrainDataset(folder, cfg, seed=0, zero_shot=True)[(0, 0)]["label"].numpy()
-    full = TrainDataset(folder, cfg, seed=0, zero_shot=False)[(0, 0)]["label"].numpy()
-    assert (full == 3).sum() > 100
-    assert 3 not in lab and (lab[full == 3] == 255).all() and (lab[full != 3] == full[full != 3]).all()
+    full = TrainDataset(folder, cfg, seed=0, vocabulary=["a", "b", "c", "d"])[(0, 0)]["label"].numpy()
+    zs = TrainDataset(folder, cfg, seed=0, vocabulary=["a", "c", "d"])[(0, 0)]["label"].numpy()
+    assert (full == 1).sum() > 100 and (full == 3).sum() > 100
+    assert (zs[full == 1] == 255).all()  # "b" hidden
+    assert (zs[full == 2] == 1).all() and (zs[full == 3] == 2).all() and (zs[full == 0] == 0).all()
 
 
 def test_same_key_gives_same_sample(tmp_path):
     folder = quadrant_dataset(tmp_path)
-    ds = TrainDataset(folder, DataConfig(crop_size=32, base_size=40), seed=3, zero_shot=False)
+    ds = TrainDataset(folder, DataConfig(crop_size=32, base_size=40), seed=3, vocabulary=["a", "b", "c", "d"])
     a, b = ds[(1, 5)], ds[(1, 5)]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["box"], b["box"])
 

@@ -50,3 +50,10 @@ def test_weights_scale_and_zero_switches_off():
     full = nel_loss(logits, labels, 255, 2.0, 1.0)
     off = nel_loss(logits, labels, 255, 0.0, 1.0)
     assert "focal" not in off and torch.allclose(off["dice"], full["dice"])
+
+
+def test_labels_outside_the_vocabulary_are_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="outside 0..1"):
+        one_hot_targets(torch.tensor([[[0, 2]]]), 2, 255)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from training.config import DataConfig
-from training.datasets import SegmentationFolder, zero_shot_label
+from training.datasets import DatasetInfo, SegmentationFolder
 
 
 def _resize_short(image: np.ndarray, short: int) -> np.ndarray:
@@ -32,13 +32,17 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class TrainDataset(Dataset):
     """Random scale, crop, flip and photometric jitter.
 
-    Items are dicts: image 3 x S x S float, label S x S long (seen ids / ignore), valid S x S bool
+    Labels are re-indexed into `vocabulary` (the training classes, in the order of the text
+    embeddings the losses use); classes outside it (unseen, held out) become ignore.
+
+    Items are dicts: image 3 x S x S float, label S x S long (vocabulary index / ignore), valid S x S bool
     (False on padding), box 4 (x0, y0, x1, y1 in [0, 1] image coords, may exceed), flip bool,
     index int. Indexed by (sample, epoch) pairs from `EpochSampler`.
     """
 
-    def __init__(self, folder: SegmentationFolder, cfg: DataConfig, seed: int, zero_shot: bool):
-        self.folder, self.cfg, self.seed, self.zero_shot = folder, cfg, seed, zero_shot
+    def __init__(self, folder: SegmentationFolder, cfg: DataConfig, seed: int, vocabulary: list[str]):
+        self.folder, self.cfg, self.seed = folder, cfg, seed
+        self.lut = vocabulary_lut(folder.info, vocabulary)
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -48,8 +52,7 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         image = self.folder.read_image(index)
         label = self.folder.read_label(index)
-        if self.zero_shot:
-            label = zero_shot_label(label, self.folder.info)
+        label = self.lut[label]
         h, w = label.shape
         c = self.cfg.crop_size
         scale = self.cfg.base_size / min(h, w) * rng.uniform(*self.cfg.scale_range)
@@ -78,6 +81,17 @@ class TrainDataset(Dataset):
             "flip": torch.tensor(flip),
             "index": torch.tensor(index),
         }
+
+
+def vocabulary_lut(info: DatasetInfo, vocabulary: list[str]) -> np.ndarray:
+    """uint8[256]: dataset class id -> index in `vocabulary`, ignore for every other value."""
+    missing = [c for c in vocabulary if c not in info.classes]
+    if missing:
+        raise ValueError(f"training vocabulary names {missing}, not classes of {info.name}")
+    lut = np.full(256, info.ignore_index, dtype=np.uint8)
+    for j, c in enumerate(vocabulary):
+        lut[info.classes.index(c)] = j
+    return lut
 
 
 def photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

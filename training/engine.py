@@ -230,7 +230,7 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     log = MetricsLog(out, main)
-    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, cfg.data.zero_shot)
+    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, vocabulary)
     sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world, start=state["step"])
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         persistent_workers=cfg.data.num_workers > 0)

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 def one_hot_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """labels: B x H x W -> (targets B x C x H x W float, ignored B x H x W bool)."""
     ignored = labels == ignore_index
+    if bool(((labels >= num_classes) & ~ignored).any()):
+        raise ValueError(f"label value {int(labels[~ignored].max())} outside 0..{num_classes - 1}: labels must index "
+                         "the training vocabulary")
     safe = labels.clone()
-    safe[ignored | (labels >= num_classes)] = 0
+    safe[ignored] = 0
     targets = F.one_hot(safe.long(), num_classes).permute(0, 3, 1, 2).float()
     targets = targets * (~ignored).unsqueeze(1)
     return targets, ignored

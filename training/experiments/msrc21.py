@@ -37,7 +37,7 @@ from training.teachers import build_teacher
 
 CONFIG = "training/configs/msrc21.yaml"
 HOLDOUT = ["sheep", "car", "bird", "dog"]  # pseudo-unseen objects, like the real unseen ones
-GAMMAS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
+GAMMAS = [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]  # either sign: the bias can go both ways
 ROWS = {
     "full": [],
     "no_glm": ["loss.glm_weight=0"],

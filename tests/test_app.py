@@ -1,0 +1,385 @@
+"""Gradio app: service functions, every bad input, image-pass cache, GLM attention, pseudo labels,
+the startup path, a gradio_client round trip and a torch-free app process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import run as app_run
+from app import service as svc
+from app.ui import Handlers, guarded
+from export.runtime import Bundle
+from training import pseudo_vis
+from training.config import PLMConfig
+from training.pseudo_labels import regions_for_image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = dict(
+    embed_dim=32,
+    vision_cfg={"image_size": 64, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+    text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+)
+CLASSES = ["sky", "grass", "cow", "tree"]
+SEEN = ["sky", "grass", "cow"]
+
+
+def tiny_bundle(base: Path) -> Path:
+    """A bundle of an untrained student and a tiny random CLIP (8 x 8 teacher tokens); built once per session."""
+    out = base / "app_bundle"
+    if (out / "bundle.json").is_file():
+        return out
+    from export.bundle import export_bundle, write_untrained_checkpoint
+    from training.config import Config
+
+    cfg = Config()
+    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 64
+    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 32, 64
+    teacher = write_untrained_checkpoint(cfg, CLASSES, SEEN, base / "app_ckpt.pt")
+    export_bundle(base / "app_ckpt.pt", out, teacher=teacher, log=lambda *_: None)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(bundle: Path, port: int, log: Path) -> subprocess.Popen:
+    """app/run.py in a subprocess; returns once it answers HTTP."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "run.py"), "--bundle", str(bundle), "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app did not answer within 90 s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def service(bundle_dir):
+    return svc.Service(Bundle(bundle_dir, verbose=False))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Image files of every kind the UI may receive."""
+    d = tmp_path_factory.mktemp("files")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(d / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full((60, 80), 128, np.uint8)])).save(d / "rgba.png")
+    Image.fromarray((rng.integers(0, 65536, (60, 80))).astype(np.uint16)).save(d / "grey16.png")
+    Image.fromarray(rgb).resize((8000, 8000), Image.NEAREST).save(d / "huge.jpg", quality=60)
+    (d / "notes.txt").write_text("this is not an image\n")
+    (d / "truncated.png").write_bytes((d / "rgb.png").read_bytes()[:200])
+    Image.fromarray(rgb[:, :5]).save(d / "strip.png")
+    label = np.zeros((60, 80), np.uint8)
+    label[20:50, 30:70] = 255
+    Image.fromarray(label).save(d / "label.png")
+    Image.fromarray(label[:40]).save(d / "label_small.png")
+    Image.fromarray(rgb).save(d / "label_rgb.png")
+    return d
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("name", ["rgb.png", "grey.png", "rgba.png", "grey16.png"])
+def test_load_image_converts_every_mode(files, name):
+    image, notes = svc.load_image(files / name)
+    assert image.shape == (60, 80, 3) and image.dtype == np.uint8 and notes == []
+    if name == "grey16.png":  # 16-bit is rescaled to 8 bits, not clipped to white
+        assert 0 < image.mean() < 255 and image.std() > 30
+
+
+def test_huge_image_is_downscaled_with_a_notice(files):
+    import tracemalloc
+
+    tracemalloc.start()
+    image, notes = svc.load_image(files / "huge.jpg")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert image.shape == (svc.MAX_SIDE, svc.MAX_SIDE, 3)
+    assert len(notes) == 1 and "8000 x 8000" in notes[0] and "downscaled" in notes[0]
+    assert peak < 60e6  # the 192 MB full-size decode never happens (JPEG draft mode)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notes.txt", "not an image"), ("truncated.png", "could not be decoded"), ("strip.png", "at least 16"),
+    ("missing.png", "gone"), (None, "Upload an image"),
+])
+def test_bad_image_files(files, name, message):
+    with pytest.raises(svc.UserError, match=message):
+        svc.load_image(None if name is None else files / name)
+
+
+def test_parse_names():
+    assert svc.parse_names(" cow,grass \n\n sky ,, ") == (["cow", "grass", "sky"], [])
+    names, notes = svc.parse_names("cow, Cow, grass, cow")
+    assert names == ["cow", "grass"] and "Duplicate" in notes[0] and "cow" in notes[0].lower()
+    names, notes = svc.parse_names("x" * 500 + ", cow")
+    assert names == ["x" * svc.MAX_NAME_CHARS, "cow"] and "shortened" in notes[0]
+    assert len(svc.parse_names(", ".join(f"class {i}" for i in range(200)))[0]) == 200
+    for text in ["", "   ", " , \n ,", None]:
+        with pytest.raises(svc.UserError, match="at least one class name"):
+            svc.parse_names(text)
+    with pytest.raises(svc.UserError, match="at most 255"):
+        svc.parse_names(", ".join(f"c{i}" for i in range(300)))
+
+
+def test_parse_templates_and_windows():
+    assert svc.parse_templates("") is None and svc.parse_templates(" \n ") is None
+    assert svc.parse_templates("a photo of a {}.\n\n{}\n{}") == ("a photo of a {}.", "{}")
+    with pytest.raises(svc.UserError, match="needs '{}'"):
+        svc.parse_templates("a photo of a cow")
+    assert svc.parse_windows("3, 7") == (3, 7) and svc.parse_windows("2 2 5") == (2, 5)
+    for bad in ["", "three", "0", "3, 7, 9, 11, 13", "99"]:
+        with pytest.raises(svc.UserError, match="[Ww]indow"):
+            svc.parse_windows(bad)
+
+
+# ---------------------------------------------------------------------------- model functions
+
+
+def test_segment_and_vocabulary_change_reuses_the_image_pass(service, files):
+    image, _ = svc.load_image(files / "rgb.png")
+    before = service.passes["student"]
+    seg = service.segment(image, "sky, grass, cow, zebra")
+    assert seg.labels.shape == (60, 80) and seg.labels.max() < 4 and not seg.cached
+    assert abs(sum(seg.shares.values()) - 1) < 1e-6 and set(seg.shares) <= set(seg.names)
+    assert list(seg.shares.values()) == sorted(seg.shares.values(), reverse=True)
+    expected = service.bundle.segment(image, ["sky", "grass", "cow", "zebra"])
+    np.testing.assert_array_equal(seg.labels, expected)
+    for names, gamma, templates in [("cat, dog", None, None), ("sky, grass", 0.0, "a photo of a {}."),
+                                    ("zebra", 4.0, "{}\nitap of a {}")]:
+        again = service.segment(image.copy(), names, templates, gamma)  # same content, new array
+        assert again.cached and again.labels.shape == (60, 80)
+    assert service.passes["student"] == before + 1
+    service.segment(image[::-1].copy(), "sky")  # another image does run
+    assert service.passes["student"] == before + 2
+
+
+def test_gamma_moves_pixels_to_unseen_names(service, files):
+    image, _ = svc.load_image(files / "rgb.png")
+    low = service.segment(image, "sky, grass, zebra", gamma=-50.0)
+    high = service.segment(image, "sky, grass, zebra", gamma=50.0)
+    assert "zebra" not in low.shares and high.shares == {"zebra": 1.0}
+
+
+def test_glm_attention_matches_training(service, files):
+    from training.config import GLMConfig
+    from training.glm import GlobalLearningModule
+
+    image, _ = svc.load_image(files / "rgb.png")
+    att = service.attention(image, "sky, cow")
+    feats, _ = service.features(image)
+    (cls, _), _ = service.teacher_tokens(image)
+    ref = GlobalLearningModule(GLMConfig(), feats.shape[1]).attention(torch.from_numpy(cls)[None] * 3.0,
+                                                                       torch.from_numpy(feats))[0].numpy()
+    np.testing.assert_allclose(att.weights, ref, rtol=1e-4, atol=1e-7)
+    assert att.weights.shape == feats.shape[2:] and abs(att.weights.sum() - 1) < 1e-5
+    assert att.similarity.shape == (2,) + feats.shape[2:] and np.abs(att.similarity).max() <= 1 + 1e-5
+    assert service.attention(image, "").similarity.shape[0] == 0  # names are optional here
+
+
+def test_pseudo_labels_are_the_training_functions(service, files):
+    image, _ = svc.load_image(files / "rgb.png")
+    label = svc.load_label(files / "label.png", (60, 80), (60, 80))
+    res = service.pseudo_labels(image, label, (2, 3), 0.8, "centroid")
+    (_, dense), _ = service.teacher_tokens(image)
+    maps, fused = regions_for_image(dense.transpose(1, 2, 0), label, PLMConfig(windows=(2, 3)))
+    np.testing.assert_array_equal(res.fused, fused)
+    for a, b in zip(res.maps, maps):
+        np.testing.assert_array_equal(a, b)
+    assert (res.fused[:2] == -1).all()  # rows 0-1 of the 8 x 8 grid have no ignored pixels: not clustered
+    free = service.pseudo_labels(image, None, (2,), 0.9, "overlap")
+    assert (free.maps[0] >= 0).all()  # without a label every token is clustered
+    assert "nothing was clustered" in service.pseudo_labels(image, np.zeros((60, 80), np.uint8), (2,)).notes[0]
+    with pytest.raises(svc.UserError, match="larger than the teacher"):
+        service.pseudo_labels(image, None, (9,))
+
+
+def test_wrong_label_files(files):
+    with pytest.raises(svc.UserError, match="40 pixels but the image is 80 x 60"):
+        svc.load_label(files / "label_small.png", (60, 80), (60, 80))
+    with pytest.raises(svc.UserError, match="single-channel"):
+        svc.load_label(files / "label_rgb.png", (60, 80), (60, 80))
+    with pytest.raises(svc.UserError, match="cannot be read"):
+        svc.load_label(files / "notes.txt", (60, 80), (60, 80))
+    small = svc.load_label(files / "label.png", (60, 80), (30, 40))  # image was downscaled: label follows
+    assert small.shape == (30, 40) and set(np.unique(small)) == {0, 255}
+
+
+def test_mask_png_round_trip(service, files, tmp_path):
+    image, _ = svc.load_image(files / "rgb.png")
+    seg = service.segment(image, "sky, grass, cow")
+    path = svc.mask_png(seg.labels, seg.names, seg.colors, tmp_path / "mask.png")
+    with Image.open(path) as im:
+        assert im.mode == "P" and json.loads(im.info["classes"]) == seg.names
+        np.testing.assert_array_equal(np.asarray(im), seg.labels)
+        assert im.getpalette()[:9] == seg.colors.ravel().tolist()
+    assert seg.colors.tolist() == pseudo_vis.region_palette(3).tolist()
+
+
+# ---------------------------------------------------------------------------- UI handlers
+
+
+@pytest.fixture(scope="module")
+def handlers(service):
+    return Handlers(service)
+
+
+def test_handlers_outputs(handlers, files):
+    overlay, shares, mask, status = guarded(handlers.segment)(str(files / "rgb.png"), "sky, grass, zebra", "", 1.0)
+    picture, masks = overlay.value["image"], overlay.value["annotations"]
+    assert len(masks) == len(shares) and set(overlay.color_map) == {"sky", "grass", "zebra"}
+    assert Path(mask).name == "rgb_mask.png" and Path(mask).is_file()
+    assert " s**" in status and "zebra" in status  # request time; the unseen name is listed
+    heat, gallery, status = guarded(handlers.attention)(str(files / "rgb.png"), "sky, grass", "")
+    assert heat.shape == (60, 80, 3) and [c for _, c in gallery][0].startswith("sky: cos")
+    gallery, regions, status = guarded(handlers.pseudo_labels)(str(files / "rgb.png"), str(files / "label.png"),
+                                                               "2, 3", 0.8, "centroid")
+    assert [c for _, c in gallery][:2] == [c for c in [c for _, c in gallery][:2] if c.startswith("k = ")]
+    assert len(gallery) == 4 and "restricted" in status and abs(sum(regions.values()) - 1) <= 1
+    assert guarded(handlers.info)()["vocabulary"] == SEEN
+
+
+def test_every_bad_input_gives_a_clear_message(handlers, files, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warnings.append(message))
+    seg, plm = guarded(handlers.segment), guarded(handlers.pseudo_labels)
+    errors = [
+        (lambda: seg(str(files / "notes.txt"), "cow", "", 1.5), "not an image"),
+        (lambda: seg(None, "cow", "", 1.5), "Upload an image"),
+        (lambda: seg(str(files / "rgb.png"), "  \n , ", "", 1.5), "at least one class name"),
+        (lambda: seg(str(files / "rgb.png"), "cow", "no placeholder", 1.5), "needs '{}'"),
+        (lambda: plm(str(files / "rgb.png"), str(files / "label_small.png"), "3", 0.8, "centroid"), "80 x 60"),
+        (lambda: plm(str(files / "rgb.png"), None, "3, x", 0.8, "centroid"), "whole numbers"),
+    ]
+    for call, message in errors:
+        with pytest.raises(gr.Error) as err:
+            call()
+        assert message in err.value.message and "Traceback" not in err.value.message
+    for name in ["grey.png", "rgba.png", "grey16.png", "huge.jpg"]:
+        seg(str(files / name), "cow, grass", "", 1.5)
+    seg(str(files / "rgb.png"), "cow, cow, " + "x" * 500 + ", " + ", ".join(f"n{i}" for i in range(200)), "", 1.5)
+    assert any("downscaled" in w for w in warnings) and any("Duplicate" in w for w in warnings)
+    assert any("shortened" in w for w in warnings)
+
+
+def test_unexpected_errors_are_one_line(handlers, files, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("onnxruntime blew up\nwith a long\ntraceback")
+
+    monkeypatch.setattr(handlers.service.bundle, "classify", boom)
+    with pytest.raises(gr.Error, match=r"^Internal error \(RuntimeError\); the server log has the details\.$"):
+        guarded(handlers.segment)(str(files / "rgb.png"), "cow", "", 1.5)
+
+
+# ---------------------------------------------------------------------------- startup, API, torch-free
+
+
+def test_startup_messages(tmp_path, capsys, monkeypatch):
+    assert app_run.main(["--bundle", str(tmp_path / "nope")]) == 2
+    assert "not a bundle folder" in capsys.readouterr().err
+    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "msrc21")
+    monkeypatch.setattr(app_run, "DEFAULT_CHECKPOINT", tmp_path / "missing.pt")
+    assert app_run.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no default checkpoint" in err[0] and "--bundle" in err[0]
+
+
+def test_default_bundle_is_built_once_from_the_checkpoint(bundle_dir, tmp_path):
+    out = app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "msrc21")
+    assert (out / "bundle.json").is_file()
+    assert Bundle(out, verbose=False).vocabulary == SEEN
+    with pytest.raises(app_run.StartupError, match="already exists"):  # export/run.py's one line is passed on
+        app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", out)
+
+
+def test_app_process_does_not_import_torch(bundle_dir, files):
+    code = f"""
+import sys
+from app.run import resolve_bundle
+from app.service import Service
+from app.ui import Handlers, build_demo, guarded
+from export.runtime import Bundle
+service = Service(Bundle(resolve_bundle({str(bundle_dir)!r}), verbose=False))
+build_demo(service)
+h = Handlers(service)
+guarded(h.segment)({str(files / "rgb.png")!r}, "cow, zebra", "", 1.5)
+guarded(h.attention)({str(files / "rgb.png")!r}, "cow", "")
+guarded(h.pseudo_labels)({str(files / "rgb.png")!r}, {str(files / "label.png")!r}, "2, 3", 0.8, "centroid")
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not bad, bad
+print("torch-free")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "torch-free"
+
+
+def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    proc = start_app(bundle_dir, port, tmp_path / "app.log")
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        overlay, shares, mask, status = client.predict(handle_file(str(files / "rgb.png")), "sky, grass, zebra",
+                                                       "", 1.5, api_name="/segment")
+        with Image.open(mask) as im:
+            labels = np.asarray(im)
+            assert labels.shape == (60, 80) and json.loads(im.info["classes"]) == ["sky", "grass", "zebra"]
+        assert {c["label"] for c in shares["confidences"]} == {["sky", "grass", "zebra"][i] for i in np.unique(labels)}
+        assert {a["label"] for a in overlay["value"]["annotations"]} == {c["label"] for c in shares["confidences"]}
+        with pytest.raises(Exception, match="at least one class name"):  # a clear error, and the app keeps serving
+            client.predict(handle_file(str(files / "rgb.png")), " , ", "", 1.5, api_name="/segment")
+        with pytest.raises(Exception, match="not an image"):
+            client.predict(handle_file(str(files / "notes.txt")), "cow", "", 1.5, api_name="/segment")
+        gallery, regions, _ = client.predict(handle_file(str(files / "rgb.png")), None, "2", 0.8, "centroid",
+                                             api_name="/pseudo_labels")
+        assert len(gallery) == 3
+        heat, sims, _ = client.predict(handle_file(str(files / "rgb.png")), "sky", "", api_name="/attention")
+        assert Path(heat).is_file() and len(sims) == 1
+        assert client.predict(api_name="/info")["provider"] == "CPUExecutionProvider"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+@pytest.mark.skipif(not (ROOT / "bundles" / "msrc21" / "bundle.json").is_file(), reason="no bundles/msrc21 here")
+def test_default_bundle_segments_an_example():
+    service = svc.Service(Bundle(ROOT / "bundles" / "msrc21", verbose=False))
+    image, _ = svc.load_image(ROOT / "assets" / "examples" / "farm.jpg")
+    seg = service.segment(image, "building, grass, tree, cow, sky")
+    assert len(seg.shares) >= 2
