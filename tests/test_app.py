@@ -120,15 +120,20 @@ def test_load_image_converts_every_mode(files, name):
 
 
 def test_huge_image_is_downscaled_with_a_notice(files):
-    import tracemalloc
-
-    tracemalloc.start()
     image, notes = svc.load_image(files / "huge.jpg")
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
     assert image.shape == (svc.MAX_SIDE, svc.MAX_SIDE, 3)
     assert len(notes) == 1 and "8000 x 8000" in notes[0] and "downscaled" in notes[0]
-    assert peak < 60e6  # the 192 MB full-size decode never happens (JPEG draft mode)
+    code = f"""
+import resource
+from app.service import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load_image({str(files / "huge.jpg")!r})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip()) < 100  # MB: the 192 MB full-size decode never happens (JPEG draft mode)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -263,11 +268,12 @@ def test_handlers_outputs(handlers, files):
     assert Path(mask).name == "rgb_mask.png" and Path(mask).is_file()
     assert " s**" in status and "zebra" in status  # request time; the unseen name is listed
     heat, gallery, status = guarded(handlers.attention)(str(files / "rgb.png"), "sky, grass", "")
-    assert heat.shape == (60, 80, 3) and [c for _, c in gallery][0].startswith("sky: cos")
+    assert heat.shape == (60, 80, 3) and [c for _, c in gallery][0].startswith("sky: max cos ")
     gallery, regions, status = guarded(handlers.pseudo_labels)(str(files / "rgb.png"), str(files / "label.png"),
                                                                "2, 3", 0.8, "centroid")
-    assert [c for _, c in gallery][:2] == [c for c in [c for _, c in gallery][:2] if c.startswith("k = ")]
-    assert len(gallery) == 4 and "restricted" in status and abs(sum(regions.values()) - 1) <= 1
+    captions = [c for _, c in gallery]
+    assert captions[0].startswith("k = 2: ") and captions[1].startswith("k = 3: ") and captions[2].startswith("fused")
+    assert len(gallery) == 4 and "restricted" in status and 0 < sum(regions.values()) <= 1
     assert guarded(handlers.info)()["vocabulary"] == SEEN
 
 
@@ -299,14 +305,16 @@ def test_unexpected_errors_are_one_line(handlers, files, monkeypatch):
         raise RuntimeError("onnxruntime blew up\nwith a long\ntraceback")
 
     monkeypatch.setattr(handlers.service.bundle, "classify", boom)
-    with pytest.raises(gr.Error, match=r"^Internal error \(RuntimeError\); the server log has the details\.$"):
+    with pytest.raises(gr.Error) as err:
         guarded(handlers.segment)(str(files / "rgb.png"), "cow", "", 1.5)
+    assert err.value.message == "Internal error (RuntimeError); the server log has the details."
 
 
 # ---------------------------------------------------------------------------- startup, API, torch-free
 
 
 def test_startup_messages(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CLIPTEACHER_BUNDLE", raising=False)
     assert app_run.main(["--bundle", str(tmp_path / "nope")]) == 2
     assert "not a bundle folder" in capsys.readouterr().err
     monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "msrc21")

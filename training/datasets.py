@@ -111,7 +111,7 @@ def _read_split(path: Path) -> list[str]:
     return ids
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL image -> H x W x 3 uint8. 16-bit grey is rescaled, not clipped; alpha is dropped."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im).astype(np.float64)
@@ -126,7 +126,7 @@ def read_image_file(path: Path) -> np.ndarray:
     """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
     try:
         with Image.open(path) as im:
-            return _to_rgb(im)
+            return to_rgb(im)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"image {path} cannot be read: {e}") from None
 

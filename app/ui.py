@@ -1,0 +1,288 @@
+"""The Gradio Blocks layout: one image and a vocabulary on the left, three views on the right.
+
+    demo = build_demo(Service(Bundle("bundles/msrc21")))
+    demo.launch()
+
+Every view is an API endpoint (gradio_client): /segment, /attention, /pseudo_labels, /info.
+Handlers turn `service.UserError` into a gr.Error toast and notes into gr.Warning toasts;
+anything unexpected is logged with its traceback on the server and shown as one line.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from app import service as svc
+from training import pseudo_vis
+from training.kmeans import resize_nearest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "assets" / "examples"
+EXAMPLE_NAMES = {
+    "farm": "building, grass, tree, cow, sky",
+    "lake": "sky, tree, water, boat",
+    "street": "building, sky, road, car",
+    "garden": "grass, flower",
+}
+MAX_SIMILARITY_MAPS = 24  # per-class maps shown in the attention tab
+THUMB = 512  # longer side of gallery pictures
+MASK_OPACITY = 0.6
+KEEP_MASKS = 32  # mask PNG folders kept on disk (Gradio copies each into its own cache)
+log = logging.getLogger("clipteacher.app")
+
+CSS = """
+#title h1 {margin-bottom: 0.2em}
+.status {min-height: 2em}
+.gallery-item {background: #181818}
+"""
+
+
+def image_file(**kwargs) -> gr.Image:
+    """gr.Image that hands the handler the uploaded file's path untouched.
+
+    gr.Image opens uploads with PIL before the handler runs, so a non-image upload would fail
+    inside Gradio with no message; here `service.load_image` decodes (and converts grey, RGBA
+    and 16-bit files as the training data does) and explains failures. The instance's
+    preprocess is replaced rather than subclassing gr.Image: Gradio writes a .pyi stub next
+    to the source of every Component subclass."""
+    component = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
+    component.preprocess = functools.partial(_upload_path, component.preprocess)
+    return component
+
+
+def _upload_path(preprocess, payload):
+    if payload is None:
+        return None
+    if payload.path is None:  # a base64 data URL from the API
+        return preprocess(payload)
+    return str(payload.path)
+
+
+def guarded(fn):
+    """Run a handler: UserError -> gr.Error (its message), other errors -> gr.Error (one line)."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except svc.UserError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except MemoryError:
+            log.exception("out of memory in %s", fn.__name__)
+            raise gr.Error("The server ran out of memory for this request; try a smaller image or fewer classes.",
+                           print_exception=False) from None
+        except Exception as err:  # noqa: BLE001 - the app must keep serving; the log keeps the traceback
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"Internal error ({type(err).__name__}); the server log has the details.",
+                           print_exception=False) from None
+    return wrapper
+
+
+def warn(notes: list[str]) -> None:
+    for note in notes:
+        gr.Warning(note)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another request
+        return 0.0
+
+
+def hex_color(rgb) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
+
+
+class Handlers:
+    """The functions behind the buttons (and API endpoints), bound to one Service."""
+
+    def __init__(self, service: svc.Service):
+        self.service = service
+        self.mask_dir = Path(tempfile.mkdtemp(prefix="clipteacher_masks_"))
+        atexit.register(shutil.rmtree, self.mask_dir, ignore_errors=True)
+
+    def _image(self, path) -> np.ndarray:
+        image, notes = svc.load_image(path)
+        warn(notes)
+        return image
+
+    def _save_mask(self, seg: svc.Segmentation, path) -> str:
+        folder = Path(tempfile.mkdtemp(dir=self.mask_dir))  # one folder per request keeps the download's name
+        folders = sorted(self.mask_dir.iterdir(), key=_mtime)
+        for old in folders[:-KEEP_MASKS]:
+            shutil.rmtree(old, ignore_errors=True)
+        stem = Path(str(path)).stem[:60] or "image"
+        return str(svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png"))
+
+    def segment(self, image, names, templates, gamma):
+        """Segment `image` into the typed class names. Returns (overlay with legend, share of pixels
+        per class, mask PNG (pixel = index into the names), status text)."""
+        start = time.perf_counter()
+        picture = self._image(image)
+        seg = self.service.segment(picture, names, templates, gamma)
+        warn(seg.notes)
+        # mask value = overlay opacity (AnnotatedImage paints value * 255 as alpha)
+        masks = [((seg.labels == i) * MASK_OPACITY, n) for i, n in enumerate(seg.names) if n in seg.shares]
+        colors = {n: hex_color(c) for n, c in zip(seg.names, seg.colors)}
+        unseen = [n for n in seg.names if n not in set(self.service.bundle.vocabulary)]
+        g = self.service.bundle.gamma if gamma is None else float(gamma)
+        status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
+                  f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "
+                  f"{len(seg.shares)} present")
+        if unseen:
+            status += f"  \nOutside the training vocabulary (+γ = {g:g}): {', '.join(unseen[:20])}"
+            status += " ..." if len(unseen) > 20 else ""
+        return (gr.AnnotatedImage(value=(picture, masks), color_map=colors), seg.shares,
+                self._save_mask(seg, image), status)
+
+    def attention(self, image, names, templates):
+        """GLM attention (SPEC A.3 Eq. 1) of the teacher's CLS token over the student's features,
+        and the cosine similarity of the student's features to each typed class name.
+        Returns (heat map over the image, gallery of per-class maps, status text)."""
+        start = time.perf_counter()
+        picture = self._image(image)
+        att = self.service.attention(picture, names, templates)
+        warn(att.notes)
+        heat = svc.heat_overlay(picture, att.weights, vmin=0.0)
+        flat = np.sort(att.weights.ravel())[::-1]
+        top = max(1, len(flat) // 10)
+        entropy = float(-(flat * np.log(np.maximum(flat, 1e-30))).sum())
+        gallery, sims = [], att.similarity
+        if len(att.names):
+            lo, hi = float(sims.min()), float(sims.max())  # one scale for all classes, so maps compare
+            shown = list(zip(att.names, sims))[:MAX_SIMILARITY_MAPS]
+            gallery = [(svc.fit(svc.heat_overlay(picture, s, lo, hi), THUMB),
+                        f"{n}: max cos {s.max():.2f}") for n, s in shown]
+            if len(att.names) > MAX_SIMILARITY_MAPS:
+                gr.Warning(f"Showing the similarity maps of the first {MAX_SIMILARITY_MAPS} of {len(att.names)} names.")
+        status = (f"**{time.perf_counter() - start:.2f} s** · {att.weights.shape[0]} x {att.weights.shape[1]} "
+                  f"student locations · the top 10% hold {flat[:top].sum():.0%} of the attention · "
+                  f"effective locations exp(H) = {np.exp(entropy):.0f} of {flat.size}")
+        if len(att.names):
+            status += f"  \nSimilarity colour scale, all classes: cosine {lo:.2f} (dark) to {hi:.2f} (bright)"
+        return heat, gallery, status
+
+    def pseudo_labels(self, image, label, windows, threshold, fusion):
+        """PLM pseudo labels: K-Means clusters of the teacher's dense tokens per window size and
+        the fused regions (training/pseudo_labels.py's functions). An optional label PNG
+        (class ids, 255 = ignore) restricts clustering to its ignored area, as in training.
+        Returns (gallery: clusters per window, fused regions, overlay; region shares; status)."""
+        start = time.perf_counter()
+        picture = self._image(image)
+        lab = None
+        if label is not None and str(label) != "":
+            lab = svc.load_label(label, svc.image_size(image), picture.shape[:2])
+        res = self.service.pseudo_labels(picture, lab, svc.parse_windows(windows), float(threshold), fusion)
+        warn(res.notes)
+        hw = picture.shape[:2]
+        palette = pseudo_vis.region_palette(max(1, int(res.fused.max(initial=-1)) + 1))
+        gallery = []
+        for k, m in zip(res.windows, res.maps):
+            n = len(np.unique(m[m >= 0]))
+            gallery.append((svc.fit(pseudo_vis.colorize(resize_nearest(m, hw)), THUMB), f"k = {k}: {n} clusters"))
+        n_regions = len(np.unique(res.fused[res.fused >= 0]))
+        gallery.append((svc.fit(pseudo_vis.colorize(resize_nearest(res.fused, hw), palette), THUMB),
+                        f"fused: {n_regions} regions"))
+        gallery.append((svc.fit(pseudo_vis.overlay(picture, res.fused, 0.5, palette), THUMB), "fused over the image"))
+        shares = {name: share for name, share, _ in pseudo_vis.legend(res.fused, palette=palette)}
+        grid = res.fused.shape
+        scope = "clustering restricted to the label’s ignored area" if lab is not None else "all tokens clustered"
+        status = f"**{time.perf_counter() - start:.2f} s** · teacher tokens {grid[0]} x {grid[1]} · {scope}"
+        return gallery, shares, status
+
+    def info(self):
+        """The loaded bundle: provider, training vocabulary, default gamma and templates."""
+        return self.service.info()
+
+
+def build_demo(service: svc.Service) -> gr.Blocks:
+    h = Handlers(service)
+    b = service.bundle
+    examples = [[str(EXAMPLES / f"{n}.jpg"), names] for n, names in EXAMPLE_NAMES.items()
+                if (EXAMPLES / f"{n}.jpg").is_file()]
+    with gr.Blocks(title="CLIPTeacher segmentation", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# CLIPTeacher: open-vocabulary segmentation\n"
+            f"A small student network segments an image into **any class names you type**. "
+            f"It was trained on {len(b.vocabulary)} classes; other names get the unseen bias γ. "
+            f"Running on `{b.provider.replace('ExecutionProvider', '')}`.", elem_id="title")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                image = image_file(label="Image", height=300)
+                names = gr.Textbox(label="Class names (comma or newline separated)", lines=3,
+                                   value=EXAMPLE_NAMES["farm"], placeholder="cow, grass, sky")
+                with gr.Accordion("Prompt templates", open=False):
+                    templates = gr.Textbox(label="One per line, {} = class name (averaged; empty = the bundle's)",
+                                           lines=2, value="\n".join(b.templates))
+                if examples:
+                    gr.Examples(examples, inputs=[image, names], label="Examples (synthetic drawings)")
+                with gr.Accordion("Model", open=False):
+                    gr.JSON(value={k: v for k, v in service.info().items() if k != "checkpoint"}, label="Bundle")
+            with gr.Column(scale=3, min_width=420):
+                with gr.Tabs():
+                    with gr.Tab("Segment", id="segment"):
+                        with gr.Row():
+                            gamma = gr.Slider(0.0, max(5.0, 2 * b.gamma), value=b.gamma, step=0.05, scale=3,
+                                              label="Unseen bias γ (added to names outside the training vocabulary)")
+                            run_seg = gr.Button("Segment", variant="primary", scale=1)
+                        overlay = gr.AnnotatedImage(label="Segmentation (hover the legend)", height=420)
+                        with gr.Row():
+                            shares = gr.Label(label="Share of pixels", num_top_classes=10, scale=2,
+                                              show_heading=False)
+                            with gr.Column(scale=1):
+                                mask = gr.File(label="Mask PNG (pixel = class index)")
+                                seg_status = gr.Markdown(elem_classes="status", label="status")
+                    with gr.Tab("GLM attention", id="attention"):
+                        gr.Markdown("Where the teacher's CLS token attends over the student's features "
+                                    "(softmax of ⟨CLS, feature⟩ over locations, the GLM's pooling weights), "
+                                    "and each class name's cosine similarity to the student's features.")
+                        run_att = gr.Button("Show attention", variant="primary")
+                        heat = gr.Image(label="CLS attention (bright = high weight)", height=380, format="png")
+                        sims = gr.Gallery(label="Per-class similarity", columns=3, height="auto", format="jpeg",
+                                          object_fit="contain")
+                        att_status = gr.Markdown(elem_classes="status", label="status")
+                    with gr.Tab("Pseudo labels", id="pseudo_labels"):
+                        gr.Markdown("K-Means on the teacher's dense tokens at each window size (k x k centres), "
+                                    "fused into regions, as the Pixel Learning Module does in training. "
+                                    "A label PNG (class ids, 255 = unlabelled) restricts clustering to its "
+                                    "unlabelled area.")
+                        with gr.Row():
+                            label = image_file(label="Label PNG (optional)", height=160, scale=1)
+                            with gr.Column(scale=2):
+                                windows = gr.Textbox(label="Window sizes", value="3, 7")
+                                threshold = gr.Slider(0.5, 1.0, value=0.8, step=0.01, label="Fusion threshold")
+                                fusion = gr.Radio(["centroid", "overlap"], value="centroid", label="Fusion criterion")
+                        run_plm = gr.Button("Make pseudo labels", variant="primary")
+                        if (EXAMPLES / "farm_label.png").is_file():
+                            gr.Examples([[str(EXAMPLES / "farm.jpg"), str(EXAMPLES / "farm_label.png")]],
+                                        inputs=[image, label], label="Example: cow and tree unlabelled")
+                        clusters = gr.Gallery(label="Clusters and fused regions", columns=2, height=720,
+                                              format="png", object_fit="contain")
+                        regions = gr.Label(label="Region sizes (share of the token grid)", num_top_classes=8,
+                                           show_heading=False)
+                        plm_status = gr.Markdown(elem_classes="status", label="status")
+
+        run_seg.click(guarded(h.segment), [image, names, templates, gamma], [overlay, shares, mask, seg_status],
+                      api_name="segment")
+        run_att.click(guarded(h.attention), [image, names, templates], [heat, sims, att_status], api_name="attention")
+        run_plm.click(guarded(h.pseudo_labels), [image, label, windows, threshold, fusion],
+                      [clusters, regions, plm_status], api_name="pseudo_labels")
+        info_btn = gr.Button(visible=False)
+        info_out = gr.JSON(visible=False, label="info")
+        info_btn.click(guarded(h.info), None, info_out, api_name="info")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str, port: int, **kwargs):
+    return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS,
+                       footer_links=["api"], show_error=False, **kwargs)

@@ -1,0 +1,134 @@
+"""End to end in a real browser: Playwright drives Debian's Chromium (headless) against app/run.py.
+
+Uploads an image, types class names, runs each tab and checks what a person would see, and
+saves a screenshot of each tab. Screenshots go to $CLIPTEACHER_SCREENSHOTS (the README's
+pictures: CLIPTEACHER_BUNDLE=bundles/msrc21 CLIPTEACHER_SCREENSHOTS=docs/screenshots), else to a
+temp folder. The app serves $CLIPTEACHER_BUNDLE when set, else a tiny random test bundle.
+
+Needs `apt-get install chromium` and `pip install playwright` (no `playwright install`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from test_app import free_port, start_app, tiny_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+EXAMPLES = ROOT / "assets" / "examples"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+NAMES = "building, grass, tree, cow, sky"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    bundle = os.environ.get("CLIPTEACHER_BUNDLE") or tiny_bundle(tmp_path_factory.getbasetemp())
+    port = free_port()
+    log = tmp_path_factory.mktemp("browser") / "app.log"
+    proc = start_app(Path(bundle), port, log)
+    yield f"http://127.0.0.1:{port}/", log
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server[0])
+        page.get_by_role("tab", name="Segment").wait_for(timeout=30_000)
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("CLIPTEACHER_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def toast_text(page) -> str:
+    toast = page.locator("[data-testid=toast-text]").last
+    toast.wait_for(timeout=20_000)
+    return toast.inner_text()
+
+
+def close_toasts(page) -> None:
+    for close in page.locator("[data-testid=toast-close]").all():
+        close.click()
+
+
+def test_segment_tab(page, shots):
+    page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "farm.jpg"))
+    names = page.get_by_label("Class names (comma or newline separated)")
+    names.fill("")
+    run = page.get_by_role("button", name="Segment", exact=True)
+    run.click()  # no class names: a clear message, not a stack trace
+    assert "Type at least one class name" in toast_text(page)
+    close_toasts(page)
+    names.fill(NAMES)
+    run.click()
+    legend = page.locator(".legend-item")
+    legend.first.wait_for(timeout=60_000)
+    shown = set(legend.all_inner_texts())
+    assert shown and shown <= set(NAMES.split(", "))
+    assert page.locator("img.mask").count() == len(shown) and page.locator("img.mask").first.is_visible()
+    page.get_by_text("image pass run").wait_for(timeout=10_000)
+    page.locator("[aria-label='farm_mask.png']").wait_for(timeout=10_000)  # the download
+    assert page.locator("[data-testid=download-link]").first.get_attribute("href").endswith("farm_mask.png")
+    assert page.get_by_text("Share of pixels").is_visible()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "segment.png"), full_page=True)
+
+
+def test_attention_tab(page, shots):
+    page.get_by_role("tab", name="GLM attention").click()
+    page.get_by_role("button", name="Show attention").click()
+    page.get_by_text("effective locations").wait_for(timeout=60_000)
+    captions = page.locator(".caption-label")
+    captions.first.wait_for(timeout=10_000)
+    assert any(t.startswith("cow: max cos ") for t in captions.all_inner_texts())
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "attention.png"), full_page=True)
+
+
+def test_pseudo_labels_tab(page, shots, server):
+    page.get_by_role("tab", name="Pseudo labels").click()
+    page.locator("input[type=file]").nth(1).set_input_files(str(EXAMPLES / "farm_label.png"))
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Make pseudo labels").click()
+    page.get_by_text("teacher tokens").wait_for(timeout=60_000)
+    captions = page.locator(".caption-label").all_inner_texts()
+    assert any(t.startswith("k = 3") for t in captions) and any(t.startswith("fused:") for t in captions)
+    assert page.get_by_text("restricted to the label").is_visible()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "pseudo_labels.png"), full_page=True)
+    assert page.errors == []
+    assert "Traceback" not in server[1].read_text()
+
+
+def test_wrong_size_label_keeps_serving(page, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (40, 30), 255).save(tmp_path / "small_label.png")
+    page.locator("input[type=file]").nth(1).set_input_files(str(tmp_path / "small_label.png"))
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Make pseudo labels").click()
+    assert "upload the label PNG of this image" in toast_text(page)
+    close_toasts(page)
+    page.get_by_role("tab", name="Segment").click()
+    page.get_by_role("button", name="Segment", exact=True).click()  # the app keeps serving
+    page.get_by_text("image pass cached").wait_for(timeout=30_000)
