@@ -232,7 +232,7 @@ def build_demo(service: svc.Service) -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Segment", id="segment"):
                         with gr.Row():
-                            gamma = gr.Slider(0.0, max(5.0, 2 * b.gamma), value=b.gamma, step=0.05, scale=3,
+                            gamma = gr.Slider(-5.0, max(5.0, 2 * abs(b.gamma)), value=b.gamma, step=0.05, scale=3,
                                               label="Unseen bias γ (added to names outside the training vocabulary)")
                             run_seg = gr.Button("Segment", variant="primary", scale=1)
                         overlay = gr.AnnotatedImage(label="Segmentation (hover the legend)", height=420)
