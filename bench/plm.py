@@ -5,10 +5,12 @@
    the same batches, measured side by side (target: cached >= 3x online).
 
     python bench/plm.py [--steps 8] [--config training/configs/msrc21.yaml] [key=value ...]
+    python bench/plm.py --vit-b16     # same comparison with the paper's teacher (random weights, speed only)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -25,7 +27,7 @@ from training.data import EpochSampler, TrainDataset  # noqa: E402
 from training.datasets import build_dataset  # noqa: E402
 from training.distill import Distiller, TeacherSource  # noqa: E402
 from training.teacher_cache import TeacherCache  # noqa: E402
-from training.teachers import build_teacher  # noqa: E402
+from training.teachers import ClipTeacher, build_teacher  # noqa: E402
 
 
 def iterations_per_second(source: TeacherSource, core: Distiller, batches: list[dict]) -> float:
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--config", default="training/configs/msrc21.yaml")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cache-dir", default=None, help="reuse a teacher cache (default: a temp folder, built once)")
+    parser.add_argument("--vit-b16", action="store_true",
+                        help="time the paper's teacher instead (CLIP ViT-B/16 at 448, random weights, speed only)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     ms = time_kmeans_fusion()
@@ -85,25 +89,43 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
-    teacher = build_teacher(cfg.teacher)
+    if args.vit_b16:
+        # The paper's teacher, for speed only: random weights (none can be downloaded here).
+        import open_clip
+
+        teacher = ClipTeacher(input_size=448, clip_config=open_clip.get_model_config("ViT-B-16"))
+        name = "CLIP ViT-B/16 (random weights, speed only)"
+    else:
+        teacher = build_teacher(cfg.teacher)
+        name = cfg.teacher.conse_backbone if cfg.teacher.kind == "conse" else cfg.teacher.clip_model
     info = folder.info
     text = teacher.encode_text(info.seen, cfg.teacher.templates)
     core = Distiller(cfg, teacher.embed_dim, text, info.ignore_index).train()
     data = TrainDataset(folder, cfg.data, 0, info.seen)
     loader = iter(DataLoader(data, batch_sampler=EpochSampler(len(data), cfg.train.batch_size, 0), num_workers=0))
     batches = [next(loader) for _ in range(args.steps + 1)]
+    if args.vit_b16:
+        # Cache only the images the benchmark uses: a ViT-B/16 pass over all of them takes minutes.
+        used = sorted({int(i) for b in batches for i in b["index"]})
+        remap = {i: j for j, i in enumerate(used)}
+        folder = copy.copy(folder)
+        folder.ids = [folder.ids[i] for i in used]
+        for b in batches:
+            b["index"] = torch.tensor([remap[int(i)] for i in b["index"]])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         cache = TeacherCache(args.cache_dir or Path(tmp) / "cache", teacher, folder)
         build = time.perf_counter() - t0
         online = iterations_per_second(TeacherSource(teacher), core, batches)
         cached = iterations_per_second(TeacherSource(teacher, cache), core, batches)
-        fidelity = cache_fidelity(teacher, cache, core, batches)
-    print(f"training, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, teacher {cfg.teacher.conse_backbone if cfg.teacher.kind == 'conse' else cfg.teacher.clip_model} "
-          f"@ {cfg.teacher.input_size}, {args.steps} steps each:")
+        fidelity = None if args.vit_b16 else cache_fidelity(teacher, cache, core, batches)
+    print(f"training, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}, teacher {name} "
+          f"@ {teacher.input_size}, {args.steps} steps each:")
     print(f"  online teacher: {online:.3f} it/s")
     print(f"  cached teacher: {cached:.3f} it/s   ({cached / online:.2f}x online; target >= 3x)")
     print(f"  one-off cache build: {build:.1f} s for {len(folder)} images")
+    if fidelity is None:
+        return
     print(f"what cached mode gives up, on the same {len(batches) * cfg.train.batch_size} augmented crops:")
     print(f"  CLS token cosine, cached (whole image) vs online (crop): {fidelity['cls_cos']:.3f}")
     print(f"  dense token cosine, cached (resampled) vs online:        {fidelity['dense_cos']:.3f}")
