@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -50,18 +51,20 @@ FIGURE_IDS = ["15_17_s", "4_19_s", "8_25_s", "14_3_s", "13_17_s"]
 
 
 @torch.no_grad()
-def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float]) -> dict:
+def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float],
+                unseen: list[str]) -> dict:
     """hIoU etc. for every gamma from one student pass per image.
 
     classes: the label space scored (others in the ground truth become ignore); gamma goes to
-    every class outside `vocabulary`. Returns {gamma: summary}.
+    every class outside `vocabulary`; `unseen` are the classes averaged into mIoU(U).
+    Returns {gamma: summary}.
     """
     info = folder.info
     lut = np.full(256, 255, dtype=np.int64)
     for j, c in enumerate(classes):
         lut[info.classes.index(c)] = j
     text = seg.text_embeddings(classes)
-    unseen = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32)
+    outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32)  # gets gamma
     cms = {g: ConfusionMatrix(len(classes)) for g in gammas}
     data = EvalDataset(folder, seg.cfg.data.eval_size)
     for i in range(len(data)):
@@ -70,9 +73,8 @@ def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str
         logits = predict_logits(seg.student, item["image"][None], text, seg.cfg.student.logit_scale,
                                 torch.zeros(len(classes)), tuple(label.shape))[0]
         for g in gammas:
-            cms[g].update((logits + g * unseen.view(-1, 1, 1)).argmax(0).numpy(), label)
-    pseudo_unseen = [c for c in classes if c not in vocabulary]
-    return {g: summarize(cm.matrix, classes, pseudo_unseen) for g, cm in cms.items()}
+            cms[g].update((logits + g * outside.view(-1, 1, 1)).argmax(0).numpy(), label)
+    return {g: summarize(cm.matrix, classes, unseen) for g, cm in cms.items()}
 
 
 @torch.no_grad()
@@ -163,7 +165,7 @@ def run_row(name: str, overrides: list[str], args, out: Path) -> dict:
                                                       f"data.root={args.data}", f"data.holdout={json.dumps(HOLDOUT)}"])
         train(cal, verbose=args.verbose)
         seg = Segmenter.from_checkpoint(out / f"{name}_calibration" / "last.pt")
-        sweep = sweep_gamma(seg, val, val.info.seen, seg.vocabulary, GAMMAS)
+        sweep = sweep_gamma(seg, val, val.info.seen, seg.vocabulary, GAMMAS, HOLDOUT)
         gamma = max(GAMMAS, key=lambda g: (sweep[g]["hIoU"], -g))
         record["calibration"] = {str(g): {k: sweep[g][k] for k in ("mIoU(S)", "mIoU(U)", "hIoU")} for g in GAMMAS}
     else:
@@ -173,13 +175,18 @@ def run_row(name: str, overrides: list[str], args, out: Path) -> dict:
     start = time.time()
     train(cfg, verbose=args.verbose)
     record["train_seconds"] = time.time() - start
-    seg = Segmenter.from_checkpoint(out / name / "last.pt")
+    save_config(cfg, out / name / "config.yaml")
+    return score_row(record, out / name / "last.pt", gamma, val)
+
+
+def score_row(record: dict, checkpoint: Path, gamma: float, val) -> dict:
+    """Final scores at the chosen gamma over all classes (unseen = the data set's), the oracle sweep, the figure."""
+    seg = Segmenter.from_checkpoint(checkpoint)
     classes = list(val.info.classes)
-    oracle = sweep_gamma(seg, val, classes, seg.vocabulary, sorted(set(GAMMAS + [gamma])))
+    oracle = sweep_gamma(seg, val, classes, seg.vocabulary, sorted(set(GAMMAS + [gamma])), list(val.info.unseen))
     record.update(gamma=gamma, metrics=oracle[gamma],
                   oracle={str(g): {k: oracle[g][k] for k in ("mIoU(S)", "mIoU(U)", "hIoU")} for g in oracle})
     record["figure"] = predict_ids(seg, val, gamma)
-    save_config(cfg, out / name / "config.yaml")
     return record
 
 
@@ -187,7 +194,7 @@ def write_model_card(path: Path, val, args) -> None:
     """assets/README.md: what the default model is, with metrics measured on the file itself."""
     seg = Segmenter.from_checkpoint(path)
     classes = list(val.info.classes)
-    m = sweep_gamma(seg, val, classes, seg.vocabulary, [seg.gamma])[seg.gamma]
+    m = sweep_gamma(seg, val, classes, seg.vocabulary, [seg.gamma], list(val.info.unseen))[seg.gamma]
     cfg = seg.cfg
     per_class = "\n".join(f"| {c} | {'unseen' if c in val.info.unseen else 'seen'} | {fmt(m['per_class'][c])} |"
                            for c in classes)
@@ -239,10 +246,11 @@ def fmt(x) -> str:
 
 def write_results(results: dict, args, out: Path, docs: Path) -> None:
     lines = ["# Results: MSRC-21 zero-shot ablation (offline ConSE teacher, CPU)", "",
-             f"Produced by `python -m training.experiments.msrc21 --iters {args.iters}` "
-             f"({time.strftime('%Y-%m-%d')}), config `{CONFIG}` plus the per-row overrides below; "
-             f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only "
-             f"(Python {platform.python_version()}, torch {torch.__version__}).", "",
+             f"Produced by `python -m training.experiments.msrc21 --iters {args.iters} {' '.join(args.overrides)}`"
+             f" ({time.strftime('%Y-%m-%d')}), config `{CONFIG}` plus the per-row overrides below; "
+             f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU "
+             f"(Python {platform.python_version()}, torch {torch.__version__}). Rows may run in separate "
+             f"processes (`--rows`); training times are wall-clock and depend on what else shared the cores.", "",
              "Data: `../shared/data/msrc21`, trained on `train` (355 images; 16 seen classes, the 5 unseen "
              "classes aeroplane, bicycle, book, cat, chair hidden as ignore), scored on `val` (59 images) over "
              "all 21 classes. Numbers are percentages; hIoU = 2 S U / (S + U).", "",
@@ -283,6 +291,7 @@ def main() -> None:
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs and the default model from finished rows")
+    parser.add_argument("--rescore", action="store_true", help="re-evaluate the --rows' existing checkpoints (no training)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = parser.parse_args()
     out, docs = Path(args.out), Path(args.docs)
@@ -297,6 +306,9 @@ def main() -> None:
         if ROWS[name] is None:
             metrics, preds = teacher_predictions(load_config(CONFIG, list(args.overrides)), val)
             record = {"overrides": None, "metrics": metrics, "figure": preds}
+        elif args.rescore:
+            old = json.loads((out / f"{name}_result.json").read_text())
+            record = score_row(old, out / name / "last.pt", old["gamma"], val)
         else:
             record = run_row(name, ROWS[name], args, out)
         # One file per row, so rows can run in separate processes and the report gathers them.
