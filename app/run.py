@@ -27,8 +27,13 @@ class StartupError(RuntimeError):
     """The app cannot start; the message says why and what to do."""
 
 
-def build_default_bundle(checkpoint: Path = DEFAULT_CHECKPOINT, out: Path = DEFAULT_BUNDLE) -> Path:
-    """Export `checkpoint` to `out` with export/run.py in a subprocess (once; torch stays out of this process)."""
+def build_default_bundle(checkpoint: Path | None = None, out: Path | None = None) -> Path:
+    """Export `checkpoint` to `out` with export/run.py in a subprocess (once; torch stays out of this process).
+
+    Defaults are read at call time (DEFAULT_CHECKPOINT, DEFAULT_BUNDLE), so they can be redirected.
+    """
+    checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
+    out = DEFAULT_BUNDLE if out is None else out
     if not checkpoint.is_file():
         raise StartupError(f"no bundle at {out} and no default checkpoint at {checkpoint}. Train and export a model "
                            f"(python training/run.py --config training/configs/msrc21.yaml, then python export/run.py "
