@@ -61,10 +61,11 @@ def test_each_loss_can_be_switched_off(tiny_data, tmp_path, switch):
 
 def test_torchrun_two_processes(tiny_data, tmp_path):
     cfg_path = tmp_path / "tiny.yaml"
-    cfg = tiny_config(tiny_data, tmp_path / "ddp", train={"iters": 2, "ckpt_every": 2, "batch_size": 1})
+    cfg = tiny_config(tiny_data, tmp_path / "ddp", train={"iters": 2, "ckpt_every": 2, "batch_size": 1},
+                      teacher={"mode": "cached"})  # rank 0 builds the cache, rank 1 waits and reuses it
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "training" / "run.py"), "--config", str(cfg_path), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

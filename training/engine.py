@@ -203,8 +203,14 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     text_seen = torch.stack([text_cache[c] for c in vocabulary])
     cache = None
     if cfg.teacher.mode == "cached":
-        cache = TeacherCache(cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}",
-                             teacher, train_set, verbose=verbose and main)
+        root = cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}"
+        # Rank 0 builds the cache; the others wait and then find it fresh, so no two processes write it.
+        if main:
+            cache = TeacherCache(root, teacher, train_set, verbose=verbose)
+        if world > 1:
+            dist.barrier()
+        if not main:
+            cache = TeacherCache(root, teacher, train_set, verbose=False)
     elif cfg.teacher.mode != "online":
         raise ValueError(f"teacher.mode must be online or cached, got '{cfg.teacher.mode}'")
     source = TeacherSource(teacher, cache)
