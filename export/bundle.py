@@ -31,7 +31,8 @@ import onnxruntime as ort
 import torch
 
 from export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
-from export.runtime import BUNDLE_FORMAT, resize_short
+from export.runtime import BUNDLE_FORMAT
+from training.datasets import resize_short
 from training.checkpoint import save_checkpoint
 from training.config import Config
 from training.segmenter import Segmenter

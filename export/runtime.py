@@ -35,16 +35,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from training.datasets import resize_short  # torch-free; the same resize as training evaluation
+
 BUNDLE_FORMAT = "clipteacher-bundle-v1"
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
 log = logging.getLogger(__name__)
-
-
-def resize_short(image: np.ndarray, short: int) -> np.ndarray:
-    """H x W x 3 uint8 -> short side `short`, aspect kept (same rounding as training.data)."""
-    h, w = image.shape[:2]
-    s = short / min(h, w)
-    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
 
 
 def to_input(image: np.ndarray) -> np.ndarray:

@@ -15,13 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from training.config import DataConfig
-from training.datasets import DatasetInfo, SegmentationFolder
-
-
-def _resize_short(image: np.ndarray, short: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    s = short / min(h, w)
-    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+from training.datasets import DatasetInfo, SegmentationFolder, resize_short
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -123,7 +117,7 @@ class EvalDataset(Dataset):
         image = self.folder.read_image(index)
         label = self.folder.read_label(index)
         return {
-            "image": to_tensor(_resize_short(image, self.size)),
+            "image": to_tensor(resize_short(image, self.size)),
             "label": torch.from_numpy(label.astype(np.int64)),
             "index": index,
         }

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -120,6 +121,14 @@ def to_rgb(im: Image.Image) -> np.ndarray:
         grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def resize_short(image: np.ndarray, short: int) -> np.ndarray:
+    """H x W x 3 uint8 -> short side `short`, aspect kept. Evaluation, export calibration and the
+    ONNX runtime all resize with this one function, so their inputs match pixel for pixel."""
+    h, w = image.shape[:2]
+    s = short / min(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
 
 
 def read_image_file(path: Path) -> np.ndarray:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training.checkpoint import load_checkpoint
 from training.config import Config, from_dict
+from training.data import to_tensor
+from training.datasets import resize_short
 from training.student import Student, class_logits
 
 
@@ -84,14 +87,14 @@ class Segmenter:
         return torch.stack([self.text_cache[c] for c in classes])
 
     @torch.no_grad()
-    def predict(self, image: torch.Tensor, classes: list[str], gamma: float | None = None, size: int | None = None,
+    def predict(self, image: np.ndarray, classes: list[str], gamma: float | None = None, size: int | None = None,
                 window: int = 0) -> torch.Tensor:
-        """image: 3 x H x W in [0, 1] -> H x W long class indices into `classes`."""
-        h, w = image.shape[1:]
-        size = size or self.cfg.data.eval_size
-        s = size / min(h, w)
-        x = F.interpolate(image[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                          align_corners=False)
+        """image: H x W x 3 uint8 RGB -> H x W long class indices into `classes`.
+
+        Resized exactly as `training.engine.evaluate` resizes (short side `size`, default eval_size).
+        """
+        h, w = image.shape[:2]
+        x = to_tensor(resize_short(image, size or self.cfg.data.eval_size))[None]
         device = next(self.student.parameters()).device
         text = self.text_embeddings(classes).to(device)
         bias = unseen_bias(classes, self.vocabulary, self.gamma if gamma is None else gamma).to(device)

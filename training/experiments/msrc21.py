@@ -149,7 +149,7 @@ def predict_ids(seg: Segmenter, folder, gamma: float) -> dict[str, np.ndarray]:
     out = {}
     for sid in FIGURE_IDS:
         if sid in folder.ids:
-            image = torch.from_numpy(folder.read_image(folder.ids.index(sid))).permute(2, 0, 1).float() / 255
+            image = folder.read_image(folder.ids.index(sid))
             out[sid] = seg.predict(image, list(folder.info.classes), gamma=gamma).numpy()
     return out
 
