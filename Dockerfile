@@ -6,7 +6,7 @@
 #   docker run -p 7860:7860 clipteacher-app                # no GPU: onnxruntime falls back to the CPU provider
 #
 # The bundle is built into the image: stage "bundle" exports assets/msrc21_default.pt with
-# export/run.py (the export needs torch; that stage is thrown away). To serve another bundle,
+# clipteacher-export (the export needs torch; that stage is thrown away). To serve another bundle,
 # mount it and point CLIPTEACHER_BUNDLE at it:
 #   docker run --gpus all -p 7860:7860 -v "$PWD/bundles/mine:/bundle:ro" -e CLIPTEACHER_BUNDLE=/bundle clipteacher-app
 
@@ -20,10 +20,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
-COPY training ./training
-COPY export ./export
+COPY pyproject.toml README.md ./
+COPY clipteacher ./clipteacher
+RUN pip install --no-deps .
 COPY assets/msrc21_default.pt ./assets/msrc21_default.pt
-RUN PYTHONPATH=/src python export/run.py --checkpoint assets/msrc21_default.pt --out /bundle
+RUN clipteacher-export --checkpoint assets/msrc21_default.pt --out /bundle
 
 # ---------------------------------------------------------------- stage 2: the app
 FROM ${CUDA_IMAGE}
@@ -35,13 +36,17 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # What the app imports (tests/test_dockerfile.py checks this list against the app's imports).
 RUN pip install "onnxruntime-gpu>=1.18" "gradio>=5.0" "numpy>=1.24" "opencv-python-headless>=4.8" "pillow>=10.0" \
-    "pyyaml>=6.0" "scipy>=1.10" "threadpoolctl>=3.0" "tqdm>=4.60" "tokenizers>=0.15" "ftfy>=6.0" "regex>=2023.0"
+    "scipy>=1.10" "threadpoolctl>=3.0" "tokenizers>=0.15" "ftfy>=6.0" "regex>=2023.0"
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 WORKDIR /app
-COPY app ./app
-COPY export ./export
-COPY training ./training
+# Only the torch-free parts of the package that the app imports (tests/test_dockerfile.py checks the list).
+COPY clipteacher/__init__.py clipteacher/io.py ./clipteacher/
+COPY clipteacher/runtime ./clipteacher/runtime
+COPY clipteacher/pseudo ./clipteacher/pseudo
+COPY clipteacher/app ./clipteacher/app
+COPY clipteacher/cli/__init__.py clipteacher/cli/app.py ./clipteacher/cli/
+COPY app/run.py ./app/run.py
 COPY assets/examples ./assets/examples
 COPY --from=bundle /bundle ./bundles/msrc21
 

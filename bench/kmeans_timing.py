@@ -1,19 +1,16 @@
 """Wall time of PLM pseudo-region mining (multi-scale K-Means + fusion) per image.
 
     python bench/kmeans_timing.py            # prints the median ms per image
-    from bench.kmeans_timing import time_kmeans_fusion
+    from kmeans_timing import time_kmeans_fusion
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from training.kmeans import pseudo_regions  # noqa: E402
+from clipteacher.pseudo import pseudo_regions
 
 
 def planted_tokens(h: int = 32, w: int = 32, d: int = 512, n_clusters: int = 6, noise: float = 0.6,

@@ -6,8 +6,8 @@
 
 Rows (ms per image, median of --runs runs after a warm-up):
   student ONNX fp32 / int8 / fp16   Bundle.image_features on a 512 x 512 uint8 image
-  student PyTorch                   training.student.Student
-  ViT-B/16 dense (MaskCLIP)         training.teachers.ClipTeacher with RANDOM open_clip ViT-B-16 weights at
+  student PyTorch                   clipteacher.models.student.Student
+  ViT-B/16 dense (MaskCLIP)         clipteacher.models.teachers.ClipTeacher with RANDOM open_clip ViT-B-16 weights at
                                     input 512 (1024 tokens): the training-free teacher path; speed only
   text 20 / 200 names               Bundle.embed_text on names not in the cache (tokenizer + ONNX text encoder)
 Image rows take the faster of 1 thread and all cores: with other jobs on this CPU, all-core OpenMP
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 SIZE = 512
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
@@ -74,8 +73,8 @@ def test_image() -> np.ndarray:
 
 def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
     """Export `checkpoint` (default: an untrained student with the MSRC-21 config) with int8 and fp16."""
-    from export.bundle import export_bundle, write_untrained_checkpoint
-    from training.config import load_config
+    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
+    from clipteacher.train.config import load_config
 
     teacher = None
     if checkpoint is None:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     import torch
 
-    from export.runtime import Bundle
+    from clipteacher.runtime import Bundle
 
     if args.bundle:
         folder = Path(args.bundle)
@@ -142,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         rows.append((f"student ONNX {precision}", ms, note))
 
     if Path(checkpoint).is_file():
-        from training.segmenter import Segmenter
+        from clipteacher.predictor import Segmenter
 
         student = Segmenter.from_checkpoint(checkpoint).student.eval()
         xt = torch.from_numpy(x)
@@ -153,7 +152,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     import open_clip
 
-    from training.teachers import ClipTeacher
+    from clipteacher.models.teachers import ClipTeacher
 
     torch.manual_seed(0)
     vit = ClipTeacher(input_size=SIZE, clip_config=open_clip.get_model_config("ViT-B-16"))
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     rows.append(("ViT-B/16 dense (MaskCLIP, random)", ms, f"{(SIZE // 16) ** 2} tokens, best at {threads} torch thread(s)"))
     del vit
 
-    from training.teachers import imagenet_class_names
+    from clipteacher.models.teachers import imagenet_class_names
 
     imagenet = imagenet_class_names()
     for n in (20, 200):

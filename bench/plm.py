@@ -16,18 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from torch.utils.data import DataLoader
 
-from bench.kmeans_timing import time_kmeans_fusion  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data import EpochSampler, TrainDataset  # noqa: E402
-from training.datasets import build_dataset  # noqa: E402
-from training.distill import Distiller, TeacherSource  # noqa: E402
-from training.teacher_cache import TeacherCache  # noqa: E402
-from training.teachers import ClipTeacher, build_teacher  # noqa: E402
+from kmeans_timing import time_kmeans_fusion
+from clipteacher.train.config import load_config
+from clipteacher.train.data import EpochSampler, TrainDataset
+from clipteacher.train.datasets import build_dataset
+from clipteacher.train.distill import Distiller, TeacherSource
+from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.models.teachers import ClipTeacher, build_teacher
 
 
 def iterations_per_second(source: TeacherSource, core: Distiller, batches: list[dict]) -> float:

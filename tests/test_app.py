@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -17,64 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from app import run as app_run
-from app import service as svc
-from app.ui import Handlers, guarded
-from export.runtime import Bundle
-from training import pseudo_vis
-from training.config import PLMConfig
-from training.pseudo_labels import regions_for_image
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CLIP = dict(
-    embed_dim=32,
-    vision_cfg={"image_size": 64, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-    text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-)
-CLASSES = ["sky", "grass", "cow", "tree"]
-SEEN = ["sky", "grass", "cow"]
-
-
-def tiny_bundle(base: Path) -> Path:
-    """A bundle of an untrained student and a tiny random CLIP (8 x 8 teacher tokens); built once per session."""
-    out = base / "app_bundle"
-    if (out / "bundle.json").is_file():
-        return out
-    from export.bundle import export_bundle, write_untrained_checkpoint
-    from training.config import Config
-
-    cfg = Config()
-    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 64
-    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 32, 64
-    teacher = write_untrained_checkpoint(cfg, CLASSES, SEEN, base / "app_ckpt.pt")
-    export_bundle(base / "app_ckpt.pt", out, teacher=teacher, log=lambda *_: None)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(bundle: Path, port: int, log: Path) -> subprocess.Popen:
-    """app/run.py in a subprocess; returns once it answers HTTP."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "run.py"), "--bundle", str(bundle), "--host",
-                             "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app did not answer within 90 s: {log.read_text()[-2000:]}")
-
+from clipteacher.app import service as svc
+from clipteacher.app.ui import Handlers, guarded
+from clipteacher.cli import app as app_run
+from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
+from clipteacher.runtime import Bundle
+from clipteacher.train.config import PLMConfig
+from helpers import APP_SEEN, ROOT, free_port, start_app, tiny_bundle
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
@@ -125,13 +72,12 @@ def test_huge_image_is_downscaled_with_a_notice(files):
     assert len(notes) == 1 and "8000 x 8000" in notes[0] and "downscaled" in notes[0]
     code = f"""
 import resource
-from app.service import load_image
+from clipteacher.app.service import load_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 load_image({str(files / "huge.jpg")!r})
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip()) < 100  # MB: the 192 MB full-size decode never happens (JPEG draft mode)
 
@@ -199,8 +145,8 @@ def test_gamma_moves_pixels_to_unseen_names(service, files):
 
 
 def test_glm_attention_matches_training(service, files):
-    from training.config import GLMConfig
-    from training.glm import GlobalLearningModule
+    from clipteacher.train.config import GLMConfig
+    from clipteacher.train.glm import GlobalLearningModule
 
     image, _ = svc.load_image(files / "rgb.png")
     att = service.attention(image, "sky, cow")
@@ -219,7 +165,7 @@ def test_pseudo_labels_are_the_training_functions(service, files):
     label = svc.load_label(files / "label.png", (60, 80), (60, 80))
     res = service.pseudo_labels(image, label, (2, 3), 0.8, "centroid")
     (_, dense), _ = service.teacher_tokens(image)
-    maps, fused = regions_for_image(dense.transpose(1, 2, 0), label, PLMConfig(windows=(2, 3)))
+    maps, fused = regions_for_image(dense.transpose(1, 2, 0), label, **PLMConfig(windows=(2, 3)).region_kwargs())
     np.testing.assert_array_equal(res.fused, fused)
     for a, b in zip(res.maps, maps):
         np.testing.assert_array_equal(a, b)
@@ -274,7 +220,7 @@ def test_handlers_outputs(handlers, files):
     captions = [c for _, c in gallery]
     assert captions[0].startswith("k = 2: ") and captions[1].startswith("k = 3: ") and captions[2].startswith("fused")
     assert len(gallery) == 4 and "restricted" in status and 0 < sum(regions.values()) <= 1
-    assert guarded(handlers.info)()["vocabulary"] == SEEN
+    assert guarded(handlers.info)()["vocabulary"] == APP_SEEN
 
 
 def test_every_bad_input_gives_a_clear_message(handlers, files, monkeypatch):
@@ -327,7 +273,7 @@ def test_startup_messages(tmp_path, capsys, monkeypatch):
 def test_default_bundle_is_built_once_from_the_checkpoint(bundle_dir, tmp_path):
     out = app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "msrc21")
     assert (out / "bundle.json").is_file()
-    assert Bundle(out, verbose=False).vocabulary == SEEN
+    assert Bundle(out, verbose=False).vocabulary == APP_SEEN
     with pytest.raises(app_run.StartupError, match="already exists"):  # export/run.py's one line is passed on
         app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", out)
 
@@ -335,10 +281,10 @@ def test_default_bundle_is_built_once_from_the_checkpoint(bundle_dir, tmp_path):
 def test_app_process_does_not_import_torch(bundle_dir, files):
     code = f"""
 import sys
-from app.run import resolve_bundle
-from app.service import Service
-from app.ui import Handlers, build_demo, guarded
-from export.runtime import Bundle
+from clipteacher.cli.app import resolve_bundle
+from clipteacher.app.service import Service
+from clipteacher.app.ui import Handlers, build_demo, guarded
+from clipteacher.runtime import Bundle
 service = Service(Bundle(resolve_bundle({str(bundle_dir)!r}), verbose=False))
 build_demo(service)
 h = Handlers(service)
@@ -349,8 +295,7 @@ bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 assert not bad, bad
 print("torch-free")
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "torch-free"
 

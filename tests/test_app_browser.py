@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_app import free_port, start_app, tiny_bundle
+from helpers import ROOT, free_port, start_app, tiny_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 EXAMPLES = ROOT / "assets" / "examples"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",

@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from training.config import DataConfig
-from training.data import EpochSampler, TrainDataset, crop_features
-from training.datasets import SegmentationFolder, write_folder_dataset
+from clipteacher.train.config import DataConfig
+from clipteacher.train.data import EpochSampler, TrainDataset, crop_features
+from clipteacher.train.datasets import SegmentationFolder, write_folder_dataset
 
 COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.datasets import (COCO_STUFF_CLASSES, CONTEXT59_CLASSES, VOC_CLASSES, COCOStuff164k,
-                               DatasetError, DatasetInfo, PascalContext59, SegmentationFolder, VOC2012,
-                               build_dataset, write_folder_dataset, zero_shot_label)
+from clipteacher.train.datasets import (COCO_STUFF_CLASSES, CONTEXT59_CLASSES, VOC_CLASSES, COCOStuff164k,
+                                        DatasetError, DatasetInfo, PascalContext59, SegmentationFolder, VOC2012,
+                                        build_dataset, write_folder_dataset, zero_shot_label)
+from helpers import MSRC
 
-MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 CLASSES = ["a", "b", "c", "d"]
 
 

@@ -16,11 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> pip distribution, for the app's third-party imports
-DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "yaml": "pyyaml", "onnxruntime": "onnxruntime-gpu",
-                 "gradio": "gradio", "numpy": "numpy", "scipy": "scipy", "tqdm": "tqdm", "tokenizers": "tokenizers",
-                 "ftfy": "ftfy", "regex": "regex", "threadpoolctl": "threadpoolctl"}
-LAZY_IMPORTS = {"tokenizers"}  # imported inside export.runtime.Bundle.tokenize for MiniLM bundles
-OWN = {"app", "export", "training"}
+DISTRIBUTIONS = {"cv2": "opencv-python-headless", "PIL": "pillow", "onnxruntime": "onnxruntime-gpu", "gradio": "gradio",
+                 "numpy": "numpy", "scipy": "scipy", "tokenizers": "tokenizers", "ftfy": "ftfy", "regex": "regex",
+                 "threadpoolctl": "threadpoolctl"}
+LAZY_IMPORTS = {"tokenizers"}  # imported inside clipteacher.runtime.bundle.Bundle.tokenize for MiniLM bundles
+OWN = {"clipteacher"}
+APP_MODULES = ("clipteacher.cli.app", "clipteacher.app.ui", "clipteacher.app.service", "clipteacher.runtime.bundle",
+               "clipteacher.runtime.clip_tokenizer")
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -98,17 +100,21 @@ def test_final_image_has_onnxruntime_gpu_and_no_torch(stages):
         assert not (word == "RUN" and "torch" in rest), rest
 
 
+def app_source_files() -> list[Path]:
+    """The repository files a fresh interpreter loads when it imports the app (and the runtime's lazy tokenizer)."""
+    code = (f"import sys, json, {', '.join(APP_MODULES)}\n"
+            "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
+            "      if n.split('.')[0] == 'clipteacher' and getattr(m, '__file__', None))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [Path(p) for p in json.loads(res.stdout.strip().splitlines()[-1])]
+
+
 def test_app_imports_are_installed(stages):
     """Every third-party module the app loads (at import, plus the lazy ones) has its package in the final image."""
-    code = ("import sys, json, app.run, app.ui, app.service, export.runtime, export.clip_tokenizer\n"
-            "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
-            "      if n.split('.')[0] in {'app', 'export', 'training'} and getattr(m, '__file__', None))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-2000:]
     imported = set(LAZY_IMPORTS)
-    for path in json.loads(res.stdout.strip().splitlines()[-1]):
-        for node in ast.parse(Path(path).read_text()).body:  # module level: what importing the file needs
+    for path in app_source_files():
+        for node in ast.parse(path.read_text()).body:  # module level: what importing the file needs
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -121,6 +127,20 @@ def test_app_imports_are_installed(stages):
     assert not missing, f"the Dockerfile's final stage does not install {missing}"
 
 
+def test_app_stage_copies_exactly_what_the_app_imports(stages):
+    """Each package file the app loads is copied into the final image, and nothing of clipteacher beyond them."""
+    copied = []
+    for word, rest in final(stages):
+        if word == "COPY" and not rest.startswith("--from="):
+            copied += [ROOT / src for src in shlex.split(rest)[:-1] if src.startswith("clipteacher")]
+    def covered(path: Path) -> bool:
+        return any(path == c or c in path.parents for c in copied)
+    needed = [p.resolve() for p in app_source_files()]
+    assert all(covered(p) for p in needed), [str(p.relative_to(ROOT)) for p in needed if not covered(p)]
+    for c in copied:  # every copied file or folder holds something the app imports
+        assert any(p == c or c in p.parents for p in needed), f"{c.relative_to(ROOT)} is copied but not imported"
+
+
 def test_bundle_is_built_in_and_settable_by_environment(stages):
     steps = final(stages)
     env = {}
@@ -129,14 +149,14 @@ def test_bundle_is_built_in_and_settable_by_environment(stages):
             env.update(env_pairs(rest))
     assert env["PORT"] == "7860" and env["HOST"] == "0.0.0.0"
     copies = [rest for word, rest in steps if word == "COPY" and rest.startswith("--from=")]
-    bundle_stage = [rest for rest, body in stages[:-1] if any("export/run.py" in r for w, r in body if w == "RUN")]
-    assert bundle_stage, "no stage runs export/run.py"
+    bundle_stage = [rest for rest, body in stages[:-1] if any("clipteacher-export" in r for w, r in body if w == "RUN")]
+    assert bundle_stage, "no stage runs clipteacher-export"
     name = bundle_stage[0].split()[-1]
     dest = [c.split()[-1] for c in copies if c.startswith(f"--from={name} ")]
     workdir = [rest for word, rest in steps if word == "WORKDIR"][-1]
     assert dest and os.path.normpath(os.path.join(workdir, dest[0])) == env["CLIPTEACHER_BUNDLE"]
-    # app/run.py reads exactly these variables
-    run_py = (ROOT / "app" / "run.py").read_text()
+    # the app's entry point reads exactly these variables
+    run_py = (ROOT / "clipteacher" / "cli" / "app.py").read_text()
     for var in ("CLIPTEACHER_BUNDLE", "PORT", "HOST"):
         assert f'os.environ.get("{var}"' in run_py
 

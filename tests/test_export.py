@@ -13,23 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import OPSET, export_bundle, write_untrained_checkpoint
-from export.clip_tokenizer import ClipTokenizer
-from export.run import main as export_main
-from export.runtime import Bundle, resize_short, to_input
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import Config
-from training.segmenter import Segmenter, predict_logits, unseen_bias
+from clipteacher.export.bundle import OPSET, export_bundle, write_untrained_checkpoint
+from clipteacher.runtime.clip_tokenizer import ClipTokenizer
+from clipteacher.cli.export import main as export_main
+from clipteacher.runtime.bundle import Bundle, resize_short, to_input
+from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from clipteacher.train.config import Config
+from clipteacher.predictor import Segmenter, predict_logits, unseen_bias
+from helpers import MSRC, ROOT, TINY_CLIP
 
-ROOT = Path(__file__).resolve().parents[1]
-MSRC = ROOT.parent / "shared" / "data" / "msrc21"
 CLASSES = ["building", "grass", "tree", "cow", "sheep", "sky", "aeroplane", "water", "bicycle"]
 SEEN = [c for c in CLASSES if c not in ("aeroplane", "bicycle")]
-TINY_CLIP = dict(
-    embed_dim=32,
-    vision_cfg={"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-)
 TRICKY = ["café", "Ünïcödé façade", "🦄 unicorn 🐱", "t-shirt, (large)", "  ", "rock'n'roll & co.", "日本語の名前",
           ("big red t-shirt, " * 30)[:500], "x" * 500, "&amp; html", "CAPS Name"]
 
@@ -141,7 +135,7 @@ def test_teacher_tokens_parity(conse, clip):
 def test_minilm_tokenizer_ids_match_transformers(conse):
     from transformers import AutoTokenizer
 
-    from training.teachers import MINILM_MAX_TOKENS, minilm_folder
+    from clipteacher.models.teachers import MINILM_MAX_TOKENS, minilm_folder
 
     ref = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)(
         TRICKY, padding=True, truncation=True, max_length=MINILM_MAX_TOKENS, return_tensors="np")
@@ -230,7 +224,7 @@ def test_bad_inputs_give_one_line_errors(conse, tmp_path, capsys):
         (["--checkpoint", str(conse["ckpt"]), "--out", str(conse["dir"])], "already exists"),
         (["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)], "not found"),
         (["--checkpoint", str(garbage), "--out", str(out)], "could not be read"),
-        (["--checkpoint", str(tmp_path / "sam.pt"), "--out", str(out)], "unknown teacher.kind 'sam'"),
+        (["--checkpoint", str(tmp_path / "sam.pt"), "--out", str(out)], "'teacher.kind' must be one of clip, conse; got 'sam'"),
         (["--checkpoint", str(tmp_path / "partial.pt"), "--out", str(out)], "does not fit"),
     ]
     for args, message in cases:
@@ -247,12 +241,12 @@ def test_bad_inputs_give_one_line_errors(conse, tmp_path, capsys):
 
 
 def test_failure_mid_export_leaves_no_folder(clip, tmp_path, monkeypatch):
-    import export.bundle
+    import clipteacher.export.bundle
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export.bundle, "quantize_int8", boom)  # after four graphs are already written
+    monkeypatch.setattr(clipteacher.export.bundle, "quantize_int8", boom)  # after four graphs are already written
     out = tmp_path / "bundle"
     with pytest.raises(RuntimeError, match="disk full"):
         export_bundle(clip["ckpt"], out, int8=True, teacher=clip["teacher"], log=lambda *_: None)
@@ -266,7 +260,7 @@ def test_runtime_does_not_import_torch(conse, clip):
     code = f"""
 import sys
 import numpy as np
-from export.runtime import Bundle
+from clipteacher.runtime import Bundle
 image = np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)
 for folder in ({str(conse["dir"])!r}, {str(clip["dir"])!r}):
     b = Bundle(folder, verbose=False)

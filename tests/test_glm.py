@@ -3,8 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.config import GLMConfig
-from training.glm import CLSTokenBank, GlobalLearningModule
+from clipteacher.train.config import GLMConfig
+from clipteacher.train.glm import CLSTokenBank, GlobalLearningModule
 
 
 def test_attention_sums_to_one_and_peaks_on_the_matching_location():

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from training.losses import dice_loss, nel_loss, one_hot_targets, sigmoid_focal_loss
+from clipteacher.train.losses import dice_loss, nel_loss, one_hot_targets, sigmoid_focal_loss
 
 
 def test_focal_matches_hand_example():
@@ -31,18 +31,24 @@ def test_one_hot_ignores_ignore_index():
     assert t[0, 1, 1, 0] == 1
 
 
-def test_ignore_as_negative_changes_the_loss():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 3, 4, 4)
-    labels = torch.full((1, 4, 4), 255)
-    labels[0, :2] = 1
-    a = nel_loss(logits, labels, 255, 20.0, 1.0, ignore_as_negative=True)
-    b = nel_loss(logits, labels, 255, 20.0, 1.0, ignore_as_negative=False)
-    assert a["focal"] > b["focal"]
-    valid = torch.zeros(1, 4, 4, dtype=torch.bool)
-    valid[0, :2] = True
-    c = nel_loss(logits, labels, 255, 20.0, 1.0, ignore_as_negative=True, valid=valid)
-    assert torch.allclose(c["focal"], b["focal"])
+def test_ignore_as_negative_matches_hand_example():
+    # two pixels, two seen classes: pixel 0 is class 0, pixel 1 is ignored
+    logits = torch.tensor([[0.0, 1.0], [0.0, -1.0]]).view(1, 2, 1, 2)
+    labels = torch.tensor([[[0, 255]]])
+
+    def focal(z: float, y: int) -> float:
+        p = 1 / (1 + math.exp(-z))
+        return 0.25 * (1 - p) ** 2 * -math.log(p) if y else 0.75 * p**2 * -math.log(1 - p)
+
+    labelled = (focal(0.0, 1) + focal(0.0, 0)) / 2  # mean over the two classes
+    ignored = (focal(1.0, 0) + focal(-1.0, 0)) / 2  # both classes are negatives
+    a = nel_loss(logits, labels, 255, 20.0, 0.0, ignore_as_negative=True)
+    b = nel_loss(logits, labels, 255, 20.0, 0.0, ignore_as_negative=False)
+    assert abs(float(a["focal"]) - 20 * (labelled + ignored) / 2) < 1e-5
+    assert abs(float(b["focal"]) - 20 * labelled) < 1e-5
+    # padding (valid False) never counts, even as a negative
+    c = nel_loss(logits, labels, 255, 20.0, 0.0, ignore_as_negative=True, valid=torch.tensor([[[True, False]]]))
+    assert abs(float(c["focal"]) - 20 * labelled) < 1e-5
 
 
 def test_weights_scale_and_zero_switches_off():

@@ -1,21 +1,22 @@
 import numpy as np
 
-from training.metrics import ConfusionMatrix, summarize
+from clipteacher.train.metrics import ConfusionMatrix, summarize
 
 
 def test_confusion_and_summary_match_hand_example():
-    classes, unseen = ["a", "b", "c"], ["c"]
+    classes, unseen = ["a", "b", "c"], ["b"]
     cm = ConfusionMatrix(3)
     label = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
     cm.update(pred, label)
     assert cm.matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     m = summarize(cm.matrix, classes, unseen)
-    # IoU a = 1/(1+1+1)=1/3, b = 2/(2+1)=2/3, c = 1/(1+1)=1/2
-    assert abs(m["mIoU(S)"] - 50.0) < 1e-9
-    assert abs(m["mIoU(U)"] - 50.0) < 1e-9
+    # IoU a = 1/(1+1+1)=1/3, b = 2/(2+1)=2/3, c = 1/(1+1)=1/2; seen a, c; unseen b
+    s, u = (100 / 3 + 50) / 2, 200 / 3
+    assert abs(m["mIoU(S)"] - s) < 1e-9
+    assert abs(m["mIoU(U)"] - u) < 1e-9
     assert abs(m["pAcc"] - 4 / 6 * 100) < 1e-9
-    assert abs(m["hIoU"] - 50.0) < 1e-9
+    assert abs(m["hIoU"] - 2 * s * u / (s + u)) < 1e-9  # harmonic (51.28), not arithmetic (54.17)
     assert abs(m["per_class"]["a"] - 100 / 3) < 1e-9
 
 

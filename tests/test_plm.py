@@ -3,13 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CLIP
-from training.config import PLMConfig, TeacherConfig
-from training.data import to_tensor
-from training.datasets import SegmentationFolder
-from training.pixel_learning import PixelLearningModule, make_pseudo_labels, region_means
-from training.teacher_cache import TeacherCache
-from training.teachers import build_teacher
+from helpers import TINY_CLIP
+from clipteacher.train.config import PLMConfig, TeacherConfig
+from clipteacher.train.data import to_tensor
+from clipteacher.train.datasets import SegmentationFolder
+from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels, region_means
+from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.models.teachers import build_teacher
 
 
 def test_region_means_are_per_image_means_of_unit_features():

@@ -3,8 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from conftest import TINY_CLIP
-from training import pseudo_labels
+from helpers import TINY_CLIP
+from clipteacher.cli import pseudo_labels
 
 TEACHER = ["teacher.kind=clip", f"teacher.clip_config={json.dumps(TINY_CLIP)}", "teacher.input_size=64",
            "plm.windows=[2,3]"]

@@ -9,21 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.config import TeacherConfig
-from training.teachers import (ClipTeacher, ConSETeacher, MiniLMTextEncoder, TeacherOutput, TeacherWeightsError,
+from clipteacher.train.config import TeacherConfig
+from clipteacher.models.teachers import (ClipTeacher, ConSETeacher, MiniLMTextEncoder, TeacherOutput, WeightsError,
                                build_teacher, minilm_folder)
+from helpers import MSRC, TINY_CLIP
 
-TINY = dict(
-    embed_dim=32,
-    vision_cfg={"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-)
-MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
 
 
 def tiny_clip_teacher(input_size: int = 32, seed: int = 0) -> ClipTeacher:
     torch.manual_seed(seed)
-    return ClipTeacher(input_size=input_size, clip_config=TINY)
+    return ClipTeacher(input_size=input_size, clip_config=TINY_CLIP)
 
 
 def load_image(name: str) -> torch.Tensor:
@@ -55,7 +50,7 @@ def test_clip_cls_and_text_match_open_clip():
     torch.manual_seed(0)
     import open_clip
 
-    clip = open_clip.CLIP(**TINY).eval()  # same seed -> same weights as the teacher
+    clip = open_clip.CLIP(**TINY_CLIP).eval()  # same seed -> same weights as the teacher
     images = torch.rand(2, 3, 32, 32)
     mean = torch.tensor(open_clip.constants.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.constants.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -127,22 +122,22 @@ def test_clip_text_and_fingerprint():
 
 def test_clip_missing_weights_raise_one_clear_line(tmp_path):
     cfg = TeacherConfig(kind="clip", clip_pretrained=str(tmp_path / "nope" / "ViT-B-16.pt"))
-    with pytest.raises(TeacherWeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         build_teacher(cfg)
     msg = str(err.value)
     assert "\n" not in msg and "teacher.clip_pretrained=" in msg and "teacher.kind=conse" in msg
     # the 'openai' tag needs a download: it must fail at once, not hang on the network
-    with pytest.raises(TeacherWeightsError, match="teacher.kind=conse"):
+    with pytest.raises(WeightsError, match="teacher.kind=conse"):
         build_teacher(TeacherConfig(kind="clip", clip_pretrained="openai"))
 
 
 def test_clip_loads_a_local_weights_file(tmp_path):
     import open_clip
 
-    (tmp_path / "TinyTeacherTest.json").write_text(json.dumps(TINY))
+    (tmp_path / "TinyTeacherTest.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "TinyTeacherTest.json")
     torch.manual_seed(3)
-    clip = open_clip.CLIP(**TINY).eval()
+    clip = open_clip.CLIP(**TINY_CLIP).eval()
     torch.save(clip.state_dict(), tmp_path / "tiny.pt")
     teacher = build_teacher(TeacherConfig(kind="clip", clip_model="TinyTeacherTest",
                                           clip_pretrained=str(tmp_path / "tiny.pt"), input_size=32))
@@ -152,7 +147,7 @@ def test_clip_loads_a_local_weights_file(tmp_path):
     assert torch.allclose(teacher(images).cls, ref, atol=1e-5)
 
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(TeacherWeightsError, match="broken.pt"):
+    with pytest.raises(WeightsError, match="broken.pt"):
         ClipTeacher("TinyTeacherTest", str(tmp_path / "broken.pt"), 32)
 
 

@@ -10,10 +10,10 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import make_dataset, tiny_config
-from training import run
-from training.checkpoint import load_checkpoint
-from training.engine import train
+from helpers import make_dataset, tiny_config
+from clipteacher.cli import train as run
+from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.train.engine import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_bad_input_checkpoint_from_another_model(tiny_data, tmp_path, capsys):
 def test_evaluate_cli_on_unseen_folder(tiny_data, tmp_path, capsys):
     train(tiny_config(tiny_data, tmp_path / "e", train={"iters": 1}), verbose=False)
     other = make_dataset(tmp_path / "held_out", n_train=1, n_val=3, seed=7)
-    from training import evaluate
+    from clipteacher.cli import evaluate
 
     out = tmp_path / "eval.json"
     code = evaluate.main(["--checkpoint", str(tmp_path / "e" / "last.pt"), "--data", str(other), "--split", "val",

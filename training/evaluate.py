@@ -1,59 +1,7 @@
-"""Score a checkpoint on a split of any dataset folder in the msrc21 layout (or VOC / COCO-Stuff / Context).
-
-    python training/evaluate.py --checkpoint CKPT --data DIR [--split val] [--gamma G] [--out FILE]
-
-Prints pAcc, mIoU(S), mIoU(U), hIoU and per-class IoU, and writes them as JSON
-(default: next to the checkpoint, eval_<dataset>_<split>.json).
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""Entry point; the same as `clipteacher-eval`. The code is in clipteacher/cli/evaluate.py."""
 import sys
-from pathlib import Path
 
-from training.datasets import DatasetError
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True, help="dataset root folder")
-    parser.add_argument("--kind", default="folder", help="folder | voc | coco_stuff | context")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--gamma", type=float, default=None, help="unseen bias (default: the checkpoint's)")
-    parser.add_argument("--size", type=int, default=None, help="short side at test time (default: config eval_size)")
-    parser.add_argument("--window", type=int, default=0, help="sliding-window side for large images (0 = whole image)")
-    parser.add_argument("--out", default=None, help="JSON output path")
-    args = parser.parse_args(argv)
-    try:
-        from training.datasets import build_dataset
-        from training.engine import evaluate
-        from training.segmenter import Segmenter, unseen_bias
-
-        folder = build_dataset(args.kind, args.data, args.split)
-        folder.validate()
-        seg = Segmenter.from_checkpoint(args.checkpoint)
-        classes = list(folder.info.classes)
-        gamma = seg.gamma if args.gamma is None else args.gamma
-        text = seg.text_embeddings(classes)
-        result = evaluate(seg.student, folder, text, unseen_bias(classes, seg.vocabulary, gamma),
-                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window)
-    except (DatasetError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
-                   "seen_in_training": seg.vocabulary})
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{folder.info.name}_{args.split}.json")
-    out.write_text(json.dumps(result, indent=2))
-    print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}): " + "  ".join(
-        f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
-    for name, iou in result["per_class"].items():
-        tag = "unseen" if name in folder.info.unseen else "seen"
-        print(f"  {name:20s} {tag:6s} " + ("  n/a" if iou is None else f"{iou:5.1f}"))
-    print(f"wrote {out}")
-    return 0
-
+from clipteacher.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

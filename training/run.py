@@ -1,40 +1,7 @@
-"""Train the zero-shot student.
-
-    python training/run.py --config training/configs/msrc21.yaml [key.sub=value ...] [--resume [CKPT]]
-    torchrun --nproc_per_node=N training/run.py --config ...
-
-Bad input (missing data, unknown config key, incompatible checkpoint) stops with one line
-before any training starts.
-"""
-from __future__ import annotations
-
-import argparse
+"""Entry point; the same as `clipteacher-train`. The code is in clipteacher/cli/train.py."""
 import sys
 
-from training.config import ConfigError, load_config
-from training.datasets import DatasetError
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (fields of training/config.py)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from a checkpoint (default: <train.out_dir>/last.pt)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.iters=200")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from training.engine import train  # heavy imports after the config is known to be valid
-
-        metrics = train(cfg, resume=args.resume, verbose=not args.quiet)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if metrics:
-        print(" ".join(f"{k} {metrics[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
-    return 0
-
+from clipteacher.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

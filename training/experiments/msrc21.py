@@ -5,7 +5,7 @@
 Rows: full (NEL + GLM + PLM), no_glm, no_plm, seen_only (NEL alone), teacher (the teacher's own
 training-free dense prediction) and supervised (all 21 classes, the upper bound).
 
-gamma is chosen without unseen labels (SPEC E.2): for every zero-shot row a second model is
+gamma is chosen without unseen labels (docs/DESIGN.md, unseen bias): for every zero-shot row a second model is
 trained with four more seen classes hidden (pseudo-unseen: HOLDOUT), and gamma is the value
 that maximises hIoU between the remaining seen and the pseudo-unseen classes on the val split
 (real unseen pixels ignored). The real unseen labels are used only for the final scores (and
@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from training.config import load_config, save_config
-from training.data import EvalDataset
-from training.datasets import build_dataset
-from training.engine import train
-from training.metrics import ConfusionMatrix, summarize
-from training.segmenter import Segmenter, predict_logits
-from training.teachers import build_teacher
+from clipteacher.train.config import load_config, save_config
+from clipteacher.train.data import EvalDataset
+from clipteacher.train.datasets import build_dataset
+from clipteacher.train.engine import train
+from clipteacher.train.metrics import ConfusionMatrix, summarize
+from clipteacher.predictor import Segmenter, predict_logits
+from clipteacher.models.teachers import build_teacher
 
 CONFIG = "training/configs/msrc21.yaml"
 HOLDOUT = ["sheep", "car", "bird", "dog"]  # pseudo-unseen objects, like the real unseen ones

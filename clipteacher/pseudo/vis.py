@@ -1,7 +1,7 @@
 """Pictures of PLM pseudo regions: cluster maps, fused regions, overlays, one summary panel.
 
 Torch-free (numpy, PIL, cv2) so the Gradio app can import it. Region maps are h x w int
-arrays with -1 = no region; they are upsampled with `training.kmeans.resize_nearest`, the
+arrays with -1 = no region; they are upsampled with `clipteacher.pseudo.kmeans.resize_nearest`, the
 same geometry the pseudo labels use, so what you see is where the labels go.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from training.kmeans import resize_nearest
+from clipteacher.pseudo.kmeans import resize_nearest
 
 NONE_RGB = (64, 64, 64)  # cells without a region / cluster
 BACKGROUND = (24, 24, 24)

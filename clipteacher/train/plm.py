@@ -1,8 +1,8 @@
-"""Pixel Learning Module (SPEC A.4-A.5): pseudo labels in the ignored region and their classifier weights.
+"""Pixel Learning Module (docs/METHOD.md#pixel-learning-module): pseudo labels in the ignored region and their classifier weights.
 
 1. `make_pseudo_labels`: multi-scale K-Means on the teacher's dense tokens inside the ignored
    region, NMS-style fusion, regions written into the label map as ids after the seen classes
-   (the numpy implementation in `training.kmeans`, shared with the app).
+   (the numpy implementation in `clipteacher.pseudo`, shared with the app).
 2. `PixelLearningModule`: the student's mean feature of every seen class and every pseudo
    region goes through a small generator (transformer decoder over the batch's CLS tokens, an
    MLP, or nothing) that emits classifier weights; seen outputs are pulled to the seen text
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import kmeans
-from training.config import PLMConfig
+from clipteacher.pseudo import pseudo_label_map, pseudo_regions, token_ignore_mask
+from clipteacher.train.config import PLMConfig
 
 
 @torch.no_grad()
@@ -32,10 +32,10 @@ def make_pseudo_labels(dense: torch.Tensor, labels: torch.Tensor, valid: torch.T
     lab = labels.cpu().numpy()
     val = valid.cpu().numpy()
     for b in range(labels.shape[0]):
-        mask = kmeans.token_ignore_mask(lab[b], tokens.shape[1:3], ignore_index, cfg.ignore_fraction, val[b])
-        _, fused = kmeans.pseudo_regions(tokens[b], mask, cfg.windows, cfg.init, cfg.iters, cfg.fusion_threshold,
-                                         cfg.fusion, cfg.min_region_tokens)
-        pl = kmeans.pseudo_label_map(lab[b], fused, num_seen, ignore_index, val[b])
+        mask = token_ignore_mask(lab[b], tokens.shape[1:3], ignore_index, cfg.ignore_fraction, val[b])
+        _, fused = pseudo_regions(tokens[b], mask, cfg.windows, cfg.init, cfg.iters, cfg.fusion_threshold,
+                                  cfg.fusion, cfg.min_region_tokens)
+        pl = pseudo_label_map(lab[b], fused, num_seen, ignore_index, val[b])
         out[b] = torch.from_numpy(pl.astype(np.int64))
     return out
 
@@ -75,7 +75,7 @@ class WeightGenerator(nn.Module):
     def forward(self, queries: torch.Tensor, pad: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         if self.kind == "decoder":
             # One CLS token as memory makes cross-attention a constant shift; the batch's tokens
-            # give the softmax something to choose between (SPEC A.5).
+            # give the softmax something to choose between (docs/METHOD.md#weight-generator).
             mem = memory.unsqueeze(0).expand(queries.shape[0], -1, -1)
             out = queries + self.net(queries, mem, tgt_key_padding_mask=pad)
         elif self.kind == "mlp":

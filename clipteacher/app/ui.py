@@ -20,9 +20,9 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from app import service as svc
-from training import pseudo_vis
-from training.kmeans import resize_nearest
+from clipteacher.app import service as svc
+from clipteacher.pseudo import vis as pseudo_vis
+from clipteacher.pseudo import resize_nearest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -146,7 +146,7 @@ class Handlers:
                 self._save_mask(seg, image), status)
 
     def attention(self, image, names, templates):
-        """GLM attention (SPEC A.3 Eq. 1) of the teacher's CLS token over the student's features,
+        """GLM attention (docs/METHOD.md#global-learning-module) of the teacher's CLS token over the student's features,
         and the cosine similarity of the student's features to each typed class name.
         Returns (heat map over the image, gallery of per-class maps, status text)."""
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Global Learning Module (SPEC A.3): the teacher's CLS token pools the student's features.
+"""Global Learning Module (docs/METHOD.md#global-learning-module): the teacher's CLS token pools the student's features.
 
 Parameter-free: attention weights a = softmax_N(<g, f_i>) with the unit CLS token g as query
 and the raw student features f_i as keys and values; the pooled vector is the "predicted
@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import GLMConfig
+from clipteacher.train.config import GLMConfig
 
 
 class CLSTokenBank(nn.Module):

@@ -1,4 +1,4 @@
-"""Zero-shot segmentation metrics over a whole split (SPEC C): pAcc, mIoU(S), mIoU(U), hIoU.
+"""Zero-shot segmentation metrics over a whole split (docs/METHOD.md#evaluation-metrics): pAcc, mIoU(S), mIoU(U), hIoU.
 
 IoUs come from one confusion matrix accumulated over every image (MMSeg style), not from
 per-image averages. hIoU is recomputed from the two means, never copied.

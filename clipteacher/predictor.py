@@ -1,4 +1,4 @@
-"""Inference: the student plus cached text embeddings, with the unseen-class bias (SPEC A.7).
+"""Inference: the student plus cached text embeddings, with the unseen-class bias (docs/METHOD.md#inference).
 
 Only the student runs on the image; classes are rows of a text-embedding matrix. Classes that
 were not in the training vocabulary get +gamma on their logits, because a student trained on
@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import load_checkpoint
-from training.config import Config, from_dict
-from training.data import to_tensor
-from training.datasets import resize_short
-from training.student import Student, class_logits
+from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.train.config import Config, from_dict
+from clipteacher.train.data import to_tensor
+from clipteacher.io import resize_short
+from clipteacher.models.student import Student, class_logits
 
 
 def unseen_bias(classes: list[str], vocabulary: list[str], gamma: float) -> torch.Tensor:
@@ -79,7 +79,7 @@ class Segmenter:
         missing = [c for c in classes if c not in self.text_cache]
         if missing:
             if self._teacher is None:
-                from training.teachers import build_teacher
+                from clipteacher.models.teachers import build_teacher
 
                 self._teacher = build_teacher(self.cfg.teacher)
             new = self._teacher.encode_text(missing, self.cfg.teacher.templates)
@@ -91,7 +91,7 @@ class Segmenter:
                 window: int = 0) -> torch.Tensor:
         """image: H x W x 3 uint8 RGB -> H x W long class indices into `classes`.
 
-        Resized exactly as `training.engine.evaluate` resizes (short side `size`, default eval_size).
+        Resized exactly as `clipteacher.train.engine.evaluate` resizes (short side `size`, default eval_size).
         """
         h, w = image.shape[:2]
         x = to_tensor(resize_short(image, size or self.cfg.data.eval_size))[None]

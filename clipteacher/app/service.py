@@ -27,10 +27,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training import pseudo_vis
-from training.config import PLMConfig
-from training.datasets import DatasetError, to_rgb, read_label_file
-from training.pseudo_labels import regions_for_image
+from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
+from clipteacher.io import DatasetError, read_label_file, to_rgb
 
 MAX_SIDE = 1024  # longer image side the app works at (the student sees a short side of eval_size anyway)
 MAX_PIXELS = 80_000_000  # larger uploads are refused before decoding (8000 x 8000 passes)
@@ -62,7 +60,7 @@ class Segmentation:
 @dataclass
 class Attention:
     names: list[str]
-    weights: np.ndarray  # h x w float32, sums to 1 (SPEC A.3 Eq. 1)
+    weights: np.ndarray  # h x w float32, sums to 1 (docs/METHOD.md#global-learning-module)
     similarity: np.ndarray  # C x h x w float32 cosine of student features and class embeddings
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -103,7 +101,7 @@ def _open(path) -> Image.Image:
 def load_image(path) -> tuple[np.ndarray, list[str]]:
     """Image file -> (H x W x 3 uint8 RGB at most MAX_SIDE on its longer side, notes).
 
-    Grey, palette, RGBA and 16-bit files are converted as the training data is (training.datasets).
+    Grey, palette, RGBA and 16-bit files are converted as the training data is (clipteacher.train.datasets).
     JPEGs are decoded at reduced size when they are large, so memory stays bounded."""
     im = _open(path)
     notes = []
@@ -216,7 +214,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def glm_attention(cls: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """SPEC A.3 Eq. 1: cls D (teacher CLS token), features D x h x w (raw student features)
+    """GLM attention weights (docs/METHOD.md#global-learning-module): cls D (teacher CLS token), features D x h x w (raw student features)
     -> h x w weights, softmax over locations of <cls / |cls|, f_i>."""
     g = cls / max(float(np.linalg.norm(cls)), 1e-12)
     d, h, w = features.shape
@@ -230,7 +228,7 @@ def cosine_maps(features: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 
 class Service:
-    """The app's computations on one `export.runtime.Bundle`. Thread-safe; keeps the model
+    """The app's computations on one `clipteacher.runtime.bundle.Bundle`. Thread-safe; keeps the model
     outputs of the last CACHE_IMAGES images. `passes` counts image passes per graph."""
 
     def __init__(self, bundle, cache_images: int = CACHE_IMAGES):
@@ -321,8 +319,8 @@ class Service:
                                 f"{image.shape[1]} x {image.shape[0]}.")
             if not (label == 255).any():
                 notes.append("The label has no ignored pixels (value 255), so nothing was clustered.")
-        cfg = PLMConfig(windows=tuple(windows), fusion_threshold=float(threshold), fusion=fusion)
-        maps, fused = regions_for_image(tokens, label, cfg)
+        maps, fused = regions_for_image(tokens, label, windows=tuple(windows), threshold=float(threshold),
+                                        criterion=fusion)
         return PseudoLabels(tuple(windows), maps, fused, label, time.perf_counter() - start, notes)
 
     def info(self) -> dict:

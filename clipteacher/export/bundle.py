@@ -8,7 +8,7 @@ The bundle folder holds
     text_encoder.onnx  input_ids, attention_mask -> embeddings B x D (unit), plus its tokenizer file
     teacher.onnx       image B x 3 x S x S float RGB [0, 1] -> cls B x D, dense B x D x h x w (S = teacher input size)
     student.int8.onnx / student.fp16.onnx   optional variants
-    bundle.json        everything `export.runtime.Bundle` needs (vocabulary, gamma, scale, sizes, templates,
+    bundle.json        everything `clipteacher.runtime.bundle.Bundle` needs (vocabulary, gamma, scale, sizes, templates,
                        cached text embeddings, versions, sha256 of every file)
 Every graph uses opset OPSET, named inputs and explicit dynamic axes, passes `onnx.checker`, and is
 run once by onnxruntime against PyTorch before the folder is published. Files are written to a
@@ -16,7 +16,6 @@ temp folder next to the target, which is renamed at the end, so a bundle is neve
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -30,26 +29,17 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
-from export.runtime import BUNDLE_FORMAT
-from training.datasets import resize_short
-from training.checkpoint import save_checkpoint
-from training.config import Config
-from training.segmenter import Segmenter
-from training.student import Student
-from training.teachers import MINILM_MAX_TOKENS, Teacher, build_teacher, minilm_folder
+from clipteacher.export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
+from clipteacher.runtime.bundle import BUNDLE_FORMAT
+from clipteacher.io import resize_short, sha256_file
+from clipteacher.train.checkpoint import save_checkpoint
+from clipteacher.train.config import Config
+from clipteacher.predictor import Segmenter
+from clipteacher.models.student import Student
+from clipteacher.models.teachers import MINILM_MAX_TOKENS, Teacher, build_teacher, minilm_folder
 
 OPSET = 17
-TEACHER_KINDS = ("clip", "conse")
 CALIBRATION_IMAGES = 16  # int8 activation ranges come from this many training images
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -105,7 +95,7 @@ def calibration_images(cfg: Config, n: int = CALIBRATION_IMAGES, log=print) -> l
     random images when the dataset is not on this machine."""
     size = cfg.data.eval_size
     try:
-        from training.datasets import build_dataset
+        from clipteacher.train.datasets import build_dataset
 
         folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
         picks = np.linspace(0, len(folder) - 1, min(n, len(folder))).astype(int)
@@ -287,7 +277,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         "source": {"checkpoint": str(Path(checkpoint).resolve()), "student_backbone": cfg.student.backbone},
         "versions": versions(),
         "notes": notes,
-        "checksums": {name: sha256(folder / name) for name in sorted(set(files.values()))},
+        "checksums": {name: sha256_file(folder / name) for name in sorted(set(files.values()))},
     }
     (folder / "bundle.json").write_text(json.dumps(meta, indent=1))
 
@@ -300,9 +290,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, int8: bool = False, f
     if out.exists():
         raise FileExistsError(f"output folder already exists: {out} (choose another --out or remove it)")
     seg = Segmenter.from_checkpoint(checkpoint)
-    kind = seg.cfg.teacher.kind
-    if kind not in TEACHER_KINDS:
-        raise ValueError(f"checkpoint {checkpoint}: unknown teacher.kind '{kind}'; valid kinds: {', '.join(TEACHER_KINDS)}")
     if teacher is None:
         torch.manual_seed(seg.cfg.train.seed)  # as training does, so random test CLIPs (clip_config) are rebuilt exactly
         teacher = build_teacher(seg.cfg.teacher)

@@ -1,13 +1,9 @@
-"""Teacher outputs computed once per image and reused (`teacher.mode=cached`).
+"""Teacher outputs computed once per whole training image and reused (`teacher.mode=cached`).
 
-The teacher is frozen, so its output for an image never changes. Cached mode runs it once on
-every whole training image (resized to the teacher's square input) and stores the CLS token
-and dense tokens as memory-mapped float16 arrays. A training crop then takes its tokens by
-resampling the whole-image token map with the crop's box (`training.data.crop_features`).
-
-What this gives up (SPEC E.3): the paper feeds the teacher the augmented crop itself. Here
-the CLS token describes the whole image, not the crop, and the crop's dense tokens are
-interpolated from a coarser whole-image grid (the teacher saw the image at one scale only).
+CLS and dense tokens are stored as memory-mapped float16 arrays with a meta.json naming the
+teacher, input size and data that made them; a training crop resamples its dense tokens from
+the whole-image grid (`clipteacher.train.data.crop_features`). What this gives up, measured:
+docs/DESIGN.md (teacher cache).
 """
 from __future__ import annotations
 
@@ -21,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import crop_features, to_tensor
-from training.datasets import SegmentationFolder
+from clipteacher.train.data import crop_features, to_tensor
+from clipteacher.train.datasets import SegmentationFolder
 
 
 def data_signature(folder: SegmentationFolder) -> str:

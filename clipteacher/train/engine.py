@@ -1,7 +1,8 @@
 """Training and evaluation loops: plain functions, a progress bar, JSONL metrics, atomic checkpoints.
 
-`train(cfg)` builds everything, checks every input before the first step, and runs
-`train_one_epoch` until `train.iters`; `evaluate` scores a student on a split.
+`train(cfg)` checks every input (`check_inputs`), builds the run (`build_run`), restores a
+checkpoint (`restore`) and runs `run_steps` between validations and checkpoints until
+`train.iters`; `evaluate` scores a student on a split.
 Under `torchrun` each process trains on its shard of every epoch (DDP, gloo on CPU, nccl on GPU).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import Config, ConfigError, save_config
-from training.data import EpochSampler, EvalDataset, TrainDataset
-from training.datasets import SegmentationFolder, build_dataset
-from training.distill import Distiller, TeacherSource
-from training.metrics import ConfusionMatrix, summarize
-from training.segmenter import predict_logits, unseen_bias
-from training.teacher_cache import TeacherCache
-from training.teachers import build_teacher
+from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from clipteacher.train.config import Config, ConfigError, save_config
+from clipteacher.train.data import EpochSampler, EvalDataset, TrainDataset
+from clipteacher.train.datasets import SegmentationFolder, build_dataset
+from clipteacher.train.distill import Distiller, TeacherSource
+from clipteacher.train.metrics import ConfusionMatrix, summarize
+from clipteacher.predictor import predict_logits, unseen_bias
+from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.models.teachers import build_teacher
 
 # Config fields that define the weights: a checkpoint made with other values cannot be resumed.
 MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kind"), ("teacher", "clip_model"),
@@ -134,8 +136,8 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record.get("step", 0))
 
 
-def train_one_epoch(model, source: TeacherSource, batches, optimizer, scheduler, cfg: Config, state: dict,
-                    steps: int, log: MetricsLog, bar, device) -> None:
+def run_steps(model, source: TeacherSource, batches, optimizer, scheduler, cfg: Config, state: dict,
+              steps: int, log: MetricsLog, bar, device) -> None:
     """Run `steps` optimisation steps from the batch iterator, updating state['step'] in place."""
     core = model.module if isinstance(model, DistributedDataParallel) else model
     sums: dict[str, float] = {}
@@ -168,25 +170,40 @@ def train_one_epoch(model, source: TeacherSource, batches, optimizer, scheduler,
             sums, t0 = {}, time.time()
 
 
-def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
-    """Train the student. Returns the final validation metrics (rank 0; {} elsewhere)."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    rank, world, device = setup_distributed(cfg.train.device)
-    main = rank == 0
-    out = Path(cfg.train.out_dir)
+@dataclass
+class Run:
+    """Everything a training run is made of, built by `build_run` before the first step."""
 
-    # Every input is checked before any training starts.
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: SegmentationFolder
+    val_set: SegmentationFolder
+    vocabulary: list[str]  # training classes, in the order of the text embeddings the losses use
+    text_all: torch.Tensor  # C x D embeddings of every class of the dataset (validation)
+    text_cache: dict  # class name -> D embedding, saved with checkpoints
+    teacher: torch.nn.Module
+    source: TeacherSource
+    core: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict = field(default_factory=lambda: {"step": 0})
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def check_inputs(cfg: Config, resume: str | None, verbose: bool, main: bool):
+    """Validate both splits and the checkpoint to resume before anything is built.
+
+    Returns (train split, val split, checkpoint dict or None)."""
     train_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
     val_set = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.val_split)
     train_set.validate(progress=verbose and main)
     val_set.validate(progress=verbose and main)
-    ckpt = None
-    if resume:
-        path = out / "last.pt" if resume == "auto" else Path(resume)
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, cfg, path)
-
     info = train_set.info
     unknown = [c for c in cfg.data.holdout if c not in info.seen]
     if unknown:
@@ -194,10 +211,22 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     if cfg.data.holdout:
         # Pseudo-unseen classes are hidden exactly like the unseen ones.
         train_set.info = dataclasses.replace(info, unseen=list(info.unseen) + list(cfg.data.holdout))
+    ckpt = None
+    if resume:
+        path = Path(cfg.train.out_dir) / "last.pt" if resume == "auto" else Path(resume)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, cfg, path)
+    return train_set, val_set, ckpt
 
+
+def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationFolder, verbose: bool = True) -> Run:
+    """Teacher (and its cache), text embeddings, the learning modules and the optimiser."""
+    rank, world, device = setup_distributed(cfg.train.device)
+    out = Path(cfg.train.out_dir)
+    info = train_set.info
     torch.manual_seed(cfg.train.seed)
     teacher = build_teacher(cfg.teacher).to(device)
-    vocabulary = train_set.info.seen if cfg.data.zero_shot else list(info.classes)
+    vocabulary = info.seen if cfg.data.zero_shot else list(info.classes)
     text_all = teacher.encode_text(list(info.classes), cfg.teacher.templates).cpu()
     text_cache = {c: e for c, e in zip(info.classes, text_all)}
     text_seen = torch.stack([text_cache[c] for c in vocabulary])
@@ -205,15 +234,12 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     if cfg.teacher.mode == "cached":
         root = cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}"
         # Rank 0 builds the cache; the others wait and then find it fresh, so no two processes write it.
-        if main:
+        if rank == 0:
             cache = TeacherCache(root, teacher, train_set, verbose=verbose)
         if world > 1:
             dist.barrier()
-        if not main:
+        if rank != 0:
             cache = TeacherCache(root, teacher, train_set, verbose=False)
-    elif cfg.teacher.mode != "online":
-        raise ValueError(f"teacher.mode must be online or cached, got '{cfg.teacher.mode}'")
-    source = TeacherSource(teacher, cache)
 
     torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
     core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index).to(device)
@@ -222,63 +248,84 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
         groups.append({"params": list(core.plm.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    state = {"step": 0}
-    if ckpt is not None:
-        core.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state["step"] = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-    model = DistributedDataParallel(core) if world > 1 else core
-    model.train()
+    return Run(cfg, rank, world, device, out, train_set, val_set, vocabulary, text_all, text_cache, teacher,
+               TeacherSource(teacher, cache), core, optimizer, scheduler)
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out, main)
-    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, vocabulary)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world, start=state["step"])
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Continue from a checkpoint: weights, optimiser, schedule, step and every RNG."""
+    run.core.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.state["step"] = ckpt["step"]
+    set_rng_state(ckpt["rng"])
+
+
+def save(run: Run, metrics: dict | None = None) -> None:
+    """Write <out_dir>/last.pt (rank 0 only), with the config that rebuilds the model."""
+    if not run.main:
+        return
+    save_checkpoint({
+        "config": run.cfg.to_dict(), "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "step": run.state["step"], "rng": rng_state(),
+        "vocabulary": run.vocabulary, "text_cache": run.text_cache, "embed_dim": run.teacher.embed_dim,
+        "gamma": run.cfg.train.gamma, "teacher_fingerprint": run.teacher.fingerprint(),
+        "dataset": run.train_set.info.name, "metrics": metrics or {},
+    }, run.out / "last.pt")
+
+
+def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
+    """Score the student on the val split with the configured gamma; logged and returned."""
+    cfg, info = run.cfg, run.train_set.info
+    bias = unseen_bias(list(info.classes), run.vocabulary, cfg.train.gamma)
+    m = evaluate(run.core.student, run.val_set, run.text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
+                 rank=run.rank, world=run.world, device=run.device, progress=verbose)
+    log.write({"step": run.state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
+    if run.main and verbose:
+        tqdm.write(f"step {run.state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
+    return m
+
+
+def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
+    """Train the student. Returns the final validation metrics (rank 0; {} elsewhere)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    main = int(os.environ.get("RANK", "0")) == 0
+    train_set, val_set, ckpt = check_inputs(cfg, resume, verbose, main)
+    run = build_run(cfg, train_set, val_set, verbose)
+    if ckpt is not None:
+        restore(run, ckpt)
+    model = DistributedDataParallel(run.core) if run.world > 1 else run.core
+    model.train()
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.out / "config.yaml")
+    log = MetricsLog(run.out, run.main)
+    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, run.vocabulary)
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
+                           start=run.state["step"])
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         persistent_workers=cfg.data.num_workers > 0)
     batches = iter(loader)
 
-    def checkpoint(metrics: dict | None = None) -> None:
-        if not main:
-            return
-        save_checkpoint({
-            "config": cfg.to_dict(), "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": state["step"], "rng": rng_state(),
-            "vocabulary": vocabulary, "text_cache": text_cache, "embed_dim": teacher.embed_dim,
-            "gamma": cfg.train.gamma, "teacher_fingerprint": teacher.fingerprint(), "dataset": info.name,
-            "metrics": metrics or {},
-        }, out / "last.pt")
-
-    def validate() -> dict:
-        bias = unseen_bias(list(info.classes), vocabulary, cfg.train.gamma)
-        m = evaluate(core.student, val_set, text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
-                     rank=rank, world=world, device=device, progress=verbose)
-        log.write({"step": state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
-        if main and verbose:
-            tqdm.write(f"step {state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
-        return m
-
+    state = run.state
     end = cfg.train.stop_at if 0 < cfg.train.stop_at < cfg.train.iters else cfg.train.iters
     metrics: dict = {}
-    bar = tqdm(total=end, initial=state["step"], desc="train", disable=not (verbose and main), dynamic_ncols=True)
+    bar = tqdm(total=end, initial=state["step"], desc="train", disable=not (verbose and run.main), dynamic_ncols=True)
     while state["step"] < end:
         # Run to the next event (validation, checkpoint, end of epoch, end of run).
         marks = [end, (state["step"] // sampler.per_epoch + 1) * sampler.per_epoch]
         for every in (cfg.train.val_every, cfg.train.ckpt_every):
             if every > 0:
                 marks.append((state["step"] // every + 1) * every)
-        steps = min(marks) - state["step"]
-        train_one_epoch(model, source, batches, optimizer, scheduler, cfg, state, steps, log, bar, device)
+        run_steps(model, run.source, batches, run.optimizer, run.scheduler, cfg, state, min(marks) - state["step"],
+                  log, bar, run.device)
         at_end = state["step"] >= cfg.train.iters
         if (cfg.train.val_every > 0 and state["step"] % cfg.train.val_every == 0) or at_end:
-            metrics = validate()
+            metrics = validate(run, log, verbose)
         if (cfg.train.ckpt_every > 0 and state["step"] % cfg.train.ckpt_every == 0) or state["step"] >= end:
-            checkpoint(metrics)
+            save(run, metrics)
     bar.close()
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
-    return metrics if main else {}
+    return metrics if run.main else {}

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.student import Student, class_logits
-from training.teachers import Teacher
+from clipteacher.models.student import Student, class_logits
+from clipteacher.models.teachers import Teacher
 
 
 class StudentOnnx(nn.Module):
@@ -34,7 +34,7 @@ class ClassifierOnnx(nn.Module):
     """Class-conditioned head: cosine logits against any vocabulary, so a new vocabulary never re-runs the image.
 
     logits stay at feature resolution (cheap, for score maps); labels are the argmax of the
-    logits bilinearly upsampled to out_size, exactly as `training.segmenter.predict_logits`.
+    logits bilinearly upsampled to out_size, exactly as `clipteacher.predictor.predict_logits`.
     """
 
     def __init__(self, logit_scale: float):

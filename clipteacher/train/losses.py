@@ -1,4 +1,4 @@
-"""Seen-class loss: ZegCLIP's non-mutually-exclusive loss (NEL), sigmoid focal + dice (SPEC D.1, A.6).
+"""Seen-class loss: ZegCLIP's non-mutually-exclusive loss (NEL), sigmoid focal + dice (docs/METHOD.md#seen-class-loss).
 
 Per-class sigmoids rather than a softmax, so adding classes at test time does not change how
 an existing class is scored.

@@ -1,6 +1,6 @@
 """Run an exported bundle with onnxruntime and numpy only (no torch): the app's whole model API.
 
-    from export.runtime import Bundle
+    from clipteacher.runtime import Bundle
     bundle = Bundle("bundles/msrc21")            # CUDA when onnxruntime can use it, else CPU
     bundle.provider                               # "CUDAExecutionProvider" | "CPUExecutionProvider"
     labels = bundle.segment(image, ["cow", "grass", "zebra"])          # H x W int64 indices into the names
@@ -26,7 +26,6 @@ embed_dim, eval_size, templates, teacher_kind, teacher_input_size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -35,7 +34,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from training.datasets import resize_short  # torch-free; the same resize as training evaluation
+from clipteacher.io import resize_short, sha256_file
 
 BUNDLE_FORMAT = "clipteacher-bundle-v1"
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
@@ -52,14 +51,6 @@ def check_image(image) -> np.ndarray:
         got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {got}")
     return image
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -86,7 +77,7 @@ class Bundle:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected '{BUNDLE_FORMAT}'")
         if verify:
             for name, digest in meta["checksums"].items():
-                if not (self.folder / name).is_file() or _sha256(self.folder / name) != digest:
+                if not (self.folder / name).is_file() or sha256_file(self.folder / name) != digest:
                     raise ValueError(f"bundle file {self.folder / name} is missing or does not match its checksum")
         key = {"fp32": "student", "int8": "student_int8", "fp16": "student_fp16"}.get(precision)
         if key is None or key not in meta["files"]:
@@ -108,7 +99,7 @@ class Bundle:
         self.clear_text_cache()
 
         self.provider, self._providers = self._choose_provider(meta["files"][key], providers)
-        msg = f"export.runtime: {self.folder.name} on {self.provider} ({precision} student)"
+        msg = f"clipteacher.runtime.bundle: {self.folder.name} on {self.provider} ({precision} student)"
         log.info(msg)
         if verbose:
             print(msg)
@@ -207,7 +198,7 @@ class Bundle:
                 tok.enable_padding(pad_id=tok.token_to_id(spec["pad_token"]), pad_token=spec["pad_token"])
                 self._tokenizer = tok
             elif spec["kind"] == "clip_bpe":
-                from export.clip_tokenizer import ClipTokenizer
+                from clipteacher.runtime.clip_tokenizer import ClipTokenizer
 
                 self._tokenizer = ClipTokenizer(path, int(spec["context_length"]))
             else:

@@ -1,4 +1,4 @@
-"""Torch datasets over the raw readers in `training.datasets`, with aligned augmentation.
+"""Torch datasets over the raw readers in `clipteacher.train.datasets`, with aligned augmentation.
 
 Every random choice for (epoch, sample) comes from its own seeded generator, so a resumed run
 sees exactly the batches an uninterrupted run would have seen, whatever the worker count.
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from training.config import DataConfig
-from training.datasets import DatasetInfo, SegmentationFolder, resize_short
+from clipteacher.train.config import DataConfig
+from clipteacher.io import resize_short
+from clipteacher.train.datasets import DatasetInfo, SegmentationFolder
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -6,7 +6,7 @@ and validates the files before training. Layouts:
 
 - `SegmentationFolder`: the msrc21 layout (images/, labels/, splits/<split>.txt, dataset.json).
 - `VOC2012`, `COCOStuff164k`, `PascalContext59`: the official / mmsegmentation layouts, with
-  the zero-shot unseen classes of SPEC C.
+  the zero-shot unseen classes of the paper's protocol (docs/METHOD.md#zero-shot-protocol).
 
 Labels are always read as stored indices: palette PNGs give their palette indices, never
 their colours.
@@ -17,14 +17,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-
-class DatasetError(ValueError):
-    """A dataset folder, split file, image or label that cannot be used (one line, names the file)."""
+from clipteacher.io import DatasetError, read_image_file, read_label_file
 
 
 def voc_palette(n: int) -> list[list[int]]:
@@ -83,7 +80,7 @@ class DatasetInfo:
 
 
 def zero_shot_label(label: np.ndarray, info: DatasetInfo) -> np.ndarray:
-    """H x W uint8 label -> the same with every unseen-class pixel set to ignore (SPEC A.1)."""
+    """H x W uint8 label -> the same with every unseen-class pixel set to ignore (docs/METHOD.md#zero-shot-protocol)."""
     lut = np.arange(256, dtype=np.uint8)
     lut[info.unseen_ids] = info.ignore_index
     return lut[label]
@@ -110,53 +107,6 @@ def _read_split(path: Path) -> list[str]:
     if not ids:
         raise DatasetError(f"split file {path} lists no samples")
     return ids
-
-
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL image -> H x W x 3 uint8. 16-bit grey is rescaled, not clipped; alpha is dropped."""
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        top = max(top, float(a.max()))
-        grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def resize_short(image: np.ndarray, short: int) -> np.ndarray:
-    """H x W x 3 uint8 -> short side `short`, aspect kept. Evaluation, export calibration and the
-    ONNX runtime all resize with this one function, so their inputs match pixel for pixel."""
-    h, w = image.shape[:2]
-    s = short / min(h, w)
-    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
-
-
-def read_image_file(path: Path) -> np.ndarray:
-    """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
-    try:
-        with Image.open(path) as im:
-            return to_rgb(im)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"image {path} cannot be read: {e}") from None
-
-
-def read_label_file(path: Path) -> np.ndarray:
-    """H x W uint8 stored label values (palette indices for 'P' PNGs), before any mapping."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L", "1") and not im.mode.startswith("I"):
-                raise DatasetError(f"label {path} is a {im.mode} image; expected a single-channel "
-                                   f"index PNG (palette or greyscale)")
-            raw = np.asarray(im)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        if isinstance(e, DatasetError):
-            raise
-        raise DatasetError(f"label {path} cannot be read: {e}") from None
-    if raw.dtype != np.uint8:
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise DatasetError(f"label {path} has value {int(raw.max())} that does not fit uint8")
-        raw = raw.astype(np.uint8)
-    return raw
 
 
 class SegmentationFolder:
@@ -298,7 +248,7 @@ COCO_STUFF_CLASSES = [  # mmsegmentation's 171-class order (COCO-Stuff 164k labe
     "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
     "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 ]
-COCO_STUFF_UNSEEN_IDS = [19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160]  # SPEC C
+COCO_STUFF_UNSEEN_IDS = [19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160]  # the paper's 15 unseen classes
 COCO_STUFF_UNSEEN = [COCO_STUFF_CLASSES[i] for i in COCO_STUFF_UNSEEN_IDS]
 
 CONTEXT59_CLASSES = [  # mmsegmentation's PascalContextDataset59 order (raw label 1..59)
@@ -314,7 +264,7 @@ CONTEXT59_UNSEEN = ["cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", 
 
 
 class VOC2012(SegmentationFolder):
-    """PASCAL VOC 2012, 20 classes (15 seen / 5 unseen); background is ignored (SPEC C).
+    """PASCAL VOC 2012, 20 classes (15 seen / 5 unseen); background is ignored.
 
     root = VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass/ (official palette PNGs) and
     optionally SegmentationClassAug/ (SBD-augmented, greyscale). Split 'train' reads

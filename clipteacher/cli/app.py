@@ -1,0 +1,100 @@
+"""Serve the Gradio app on an exported bundle (onnxruntime; this process never imports torch).
+
+    clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
+
+Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/msrc21; if that folder does not exist
+it is built once from assets/msrc21_default.pt by `clipteacher-export` in a subprocess (the export
+needs torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository checkout (clipteacher is installed editable)
+
+DEFAULT_BUNDLE = ROOT / "bundles" / "msrc21"
+DEFAULT_CHECKPOINT = ROOT / "assets" / "msrc21_default.pt"
+
+
+class StartupError(RuntimeError):
+    """The app cannot start; the message says why and what to do."""
+
+
+def build_default_bundle(checkpoint: Path | None = None, out: Path | None = None) -> Path:
+    """Export `checkpoint` to `out` with `python -m clipteacher.cli.export` in a subprocess (once; torch stays
+    out of this process).
+
+    Defaults are read at call time (DEFAULT_CHECKPOINT, DEFAULT_BUNDLE), so they can be redirected.
+    """
+    checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
+    out = DEFAULT_BUNDLE if out is None else out
+    if not checkpoint.is_file():
+        raise StartupError(f"no bundle at {out} and no default checkpoint at {checkpoint}. Train and export a model "
+                           f"(python training/run.py --config training/configs/msrc21.yaml, then python export/run.py "
+                           f"--checkpoint runs/msrc21/last.pt --out {out}) or pass --bundle DIR")
+    print(f"building the bundle {out} from {checkpoint} (once) ...", flush=True)
+    res = subprocess.run([sys.executable, "-m", "clipteacher.cli.export", "--checkpoint", str(checkpoint),
+                          "--out", str(out)], capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = (res.stderr or res.stdout).strip().splitlines() or [f"exit code {res.returncode}"]
+        raise StartupError(f"building {out} from {checkpoint} failed: {lines[-1]}")
+    return out
+
+
+def resolve_bundle(folder: str | None) -> Path:
+    if folder:
+        path = Path(folder)
+        if not (path / "bundle.json").is_file():
+            raise StartupError(f"--bundle {folder}: not a bundle folder (no bundle.json); make one with "
+                               f"python export/run.py --checkpoint CKPT --out {folder}")
+        return path
+    if (DEFAULT_BUNDLE / "bundle.json").is_file():
+        return DEFAULT_BUNDLE
+    return build_default_bundle()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clipteacher-app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=os.environ.get("CLIPTEACHER_BUNDLE") or None,
+                        help="exported bundle folder (default: bundles/msrc21, built on first use)")
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="0.0.0.0 to serve the network")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    parser.add_argument("--precision", default=os.environ.get("CLIPTEACHER_PRECISION", "fp32"),
+                        choices=["fp32", "int8", "fp16"], help="student graph variant (must be in the bundle)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+
+    import numpy as np
+
+    from clipteacher.runtime import Bundle
+
+    try:
+        bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, verbose=False)
+    except (StartupError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from clipteacher.app.service import Service
+    from clipteacher.app.ui import build_demo, launch
+
+    service = Service(bundle)
+    # load the text encoder and the teacher now, not on the first request
+    bundle.embed_text(["warm-up"])
+    bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))
+    demo = build_demo(service)
+    try:
+        launch(demo, args.host, args.port)
+    except OSError as err:  # port in use, cannot bind
+        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

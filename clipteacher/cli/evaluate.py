@@ -1,0 +1,67 @@
+"""Score a checkpoint on a split of any dataset folder in the msrc21 layout (or VOC / COCO-Stuff / Context).
+
+    python training/evaluate.py --checkpoint CKPT --data DIR [--split val] [--gamma G] [--out FILE]
+
+Prints pAcc, mIoU(S), mIoU(U), hIoU and per-class IoU, and writes them as JSON to --out, by default
+eval_<dataset>_<split>.json in the checkpoint's run folder when it is one (a config.yaml beside it, as
+training writes) and in the current directory otherwise (so scoring a shipped model leaves assets/ clean).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from clipteacher.io import DatasetError
+from clipteacher.models.weights import WeightsError
+from clipteacher.train.datasets import DATASET_KINDS
+
+
+def default_output(checkpoint: Path, name: str) -> Path:
+    """Inside the checkpoint's run folder when it is one (training wrote config.yaml there), else here."""
+    return checkpoint.with_name(name) if (checkpoint.parent / "config.yaml").is_file() else Path(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clipteacher-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="dataset root folder")
+    parser.add_argument("--kind", default="folder", choices=DATASET_KINDS, help="dataset layout")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--gamma", type=float, default=None, help="unseen bias (default: the checkpoint's)")
+    parser.add_argument("--size", type=int, default=None, help="short side at test time (default: config eval_size)")
+    parser.add_argument("--window", type=int, default=0, help="sliding-window side for large images (0 = whole image)")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    try:
+        from clipteacher.train.datasets import build_dataset
+        from clipteacher.train.engine import evaluate
+        from clipteacher.predictor import Segmenter, unseen_bias
+
+        folder = build_dataset(args.kind, args.data, args.split)
+        folder.validate()
+        seg = Segmenter.from_checkpoint(args.checkpoint)
+        classes = list(folder.info.classes)
+        gamma = seg.gamma if args.gamma is None else args.gamma
+        text = seg.text_embeddings(classes)
+        result = evaluate(seg.student, folder, text, unseen_bias(classes, seg.vocabulary, gamma),
+                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window)
+    except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
+                   "seen_in_training": seg.vocabulary})
+    out = Path(args.out) if args.out else default_output(Path(args.checkpoint), f"eval_{folder.info.name}_{args.split}.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}): " + "  ".join(
+        f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
+    for name, iou in result["per_class"].items():
+        tag = "unseen" if name in folder.info.unseen else "seen"
+        print(f"  {name:20s} {tag:6s} " + ("  n/a" if iou is None else f"{iou:5.1f}"))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

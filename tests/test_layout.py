@@ -1,0 +1,94 @@
+"""The package layout: torch-free rooms stay torch-free, entry points are installed, choice fields fail early."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import tomllib
+from typing import Literal, get_args, get_origin, get_type_hints
+
+import pytest
+
+from clipteacher.train import config as config_module
+from clipteacher.train.config import Config, ConfigError, apply_overrides
+from helpers import ROOT
+
+TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
+              "clipteacher.runtime.clip_tokenizer", "clipteacher.app.service", "clipteacher.app.ui",
+              "clipteacher.cli.app"]
+SCRIPTS = {"clipteacher-train": "train", "clipteacher-eval": "evaluate", "clipteacher-pseudo": "pseudo_labels",
+           "clipteacher-export": "export", "clipteacher-app": "app"}
+
+
+def run_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = (f"import sys, {', '.join(TORCH_FREE)}\n"
+            "heavy = [m for m in ('torch', 'torchvision', 'timm', 'open_clip', 'transformers') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    res = run_python(code)
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+
+
+def test_no_sys_path_edits_outside_tests():
+    offenders = [str(p.relative_to(ROOT)) for folder in ("clipteacher", "training", "export", "app", "bench")
+                 for p in (ROOT / folder).rglob("*.py") if "sys.path" in p.read_text()]
+    assert not offenders
+
+
+def test_only_clipteacher_is_installed_and_scripts_point_at_mains():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["clipteacher*"]
+    assert project["project"]["scripts"] == {name: f"clipteacher.cli.{module}:main" for name, module in SCRIPTS.items()}
+
+
+@pytest.mark.parametrize("script, module", [("training/run.py", "train"), ("training/evaluate.py", "evaluate"),
+                                            ("training/pseudo_labels.py", "pseudo_labels"),
+                                            ("export/run.py", "export"), ("app/run.py", "app")])
+def test_entry_scripts_are_the_console_scripts(script, module):
+    """Each `python <folder>/run.py` form runs the same main as its console script."""
+    text = (ROOT / script).read_text()
+    assert f"from clipteacher.cli.{module} import main" in text
+    res = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "usage:" in res.stdout, res.stderr[-2000:]
+
+
+def choice_fields() -> list[tuple[str, tuple]]:
+    """('section.field', allowed values) for every Literal field of the config."""
+    out = []
+    for section in dataclasses.fields(Config):
+        hints = get_type_hints(getattr(config_module, type(getattr(Config(), section.name)).__name__))
+        for name, hint in hints.items():
+            if get_origin(hint) is Literal:
+                out.append((f"{section.name}.{name}", get_args(hint)))
+    return out
+
+
+def test_every_choice_field_is_a_literal():
+    found = {key for key, _ in choice_fields()}
+    assert {"data.kind", "teacher.kind", "teacher.mode", "teacher.conse_backbone", "glm.pooling", "plm.init",
+            "plm.fusion", "plm.generator", "train.device"} <= found
+
+
+@pytest.mark.parametrize("key, allowed", choice_fields())
+def test_a_typo_in_a_choice_field_names_field_value_and_choices(key, allowed):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [f"{key}={allowed[0]}x"])
+    message = str(err.value)
+    assert "\n" not in message and key in message and f"{allowed[0]}x" in message
+    assert all(str(a) in message for a in allowed)
+    cfg = apply_overrides(Config(), [f"{key}={allowed[-1]}"])  # every allowed value is accepted
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == allowed[-1]
+
+
+def test_training_stops_on_a_typo_before_loading_anything():
+    res = subprocess.run([sys.executable, "training/run.py", "--config", "training/configs/msrc21.yaml",
+                          "teacher.mode=cahced", "data.root=/nonexistent"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert re.search(r"teacher\.mode.*online.*cached.*cahced", lines[0]), lines[0]
