@@ -16,13 +16,13 @@ from clipteacher.train.checkpoint import load_checkpoint
 from clipteacher.train.config import Config, from_dict
 from clipteacher.train.data import to_tensor
 from clipteacher.io import resize_short
+from clipteacher.prompts import outside_vocabulary
 from clipteacher.models.student import Student, class_logits
 
 
 def unseen_bias(classes: list[str], vocabulary: list[str], gamma: float) -> torch.Tensor:
-    """C vector: gamma for every class outside the training vocabulary, 0 otherwise."""
-    known = set(vocabulary)
-    return torch.tensor([0.0 if c in known else gamma for c in classes])
+    """C vector: gamma for every class outside the training vocabulary (ignoring case), 0 otherwise."""
+    return torch.tensor([gamma if out else 0.0 for out in outside_vocabulary(classes, vocabulary)])
 
 
 @torch.no_grad()

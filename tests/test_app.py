@@ -108,12 +108,40 @@ def test_parse_names():
 def test_parse_templates_and_windows():
     assert svc.parse_templates("") is None and svc.parse_templates(" \n ") is None
     assert svc.parse_templates("a photo of a {}.\n\n{}\n{}") == ("a photo of a {}.", "{}")
-    with pytest.raises(svc.UserError, match="needs '{}'"):
+    with pytest.raises(svc.UserError, match="exactly one '{}'"):
         svc.parse_templates("a photo of a cow")
     assert svc.parse_windows("3, 7") == (3, 7) and svc.parse_windows("2 2 5") == (2, 5)
     for bad in ["", "three", "0", "3, 7, 9, 11, 13", "99"]:
         with pytest.raises(svc.UserError, match="[Ww]indow"):
             svc.parse_windows(bad)
+
+
+@pytest.mark.parametrize("template", ["{0:,>100000000}{{}}", "a photo of a {{}}", "{x} {}", "%s {} {}", "{0} {}"])
+def test_format_string_templates_are_refused_in_one_line(template):
+    """Templates used to go through str.format: the first asked for 10^8 characters, the second dropped the name."""
+    with pytest.raises(svc.UserError) as err:
+        svc.parse_templates(f"a photo of a {{}}.\n{template}")
+    assert "\n" not in str(err.value) and "exactly one '{}'" in str(err.value)
+
+
+def test_oversized_name_and_template_text_is_refused_before_parsing():
+    with pytest.raises(svc.UserError, match="characters long"):
+        svc.parse_names("cow, " * 100_000)
+    with pytest.raises(svc.UserError, match="characters long"):
+        svc.parse_templates("{}\n" * 100_000)
+
+
+def test_invisible_characters_do_not_make_classes():
+    names, _ = svc.parse_names("\u200b\u200b, cow\x00, \u200dgrass\ufeff, \x00")
+    assert names == ["cow", "grass"]
+    with pytest.raises(svc.UserError, match="at least one class name"):
+        svc.parse_names("\u200b, \u2060\u200c, \x00")
+
+
+def test_unseen_bias_ignores_case(service):
+    """'Cow' is the training class 'cow': it must not get the unseen bias."""
+    bias = service.bundle.unseen_bias(["Cow", "cow", " SKY ", "zebra"], gamma=2.0)
+    assert bias.tolist() == [0.0, 0.0, 0.0, 2.0]
 
 
 # ---------------------------------------------------------------------------- model functions
@@ -231,7 +259,7 @@ def test_every_bad_input_gives_a_clear_message(handlers, files, monkeypatch):
         (lambda: seg(str(files / "notes.txt"), "cow", "", 1.5), "not an image"),
         (lambda: seg(None, "cow", "", 1.5), "Upload an image"),
         (lambda: seg(str(files / "rgb.png"), "  \n , ", "", 1.5), "at least one class name"),
-        (lambda: seg(str(files / "rgb.png"), "cow", "no placeholder", 1.5), "needs '{}'"),
+        (lambda: seg(str(files / "rgb.png"), "cow", "no placeholder", 1.5), "exactly one '{}'"),
         (lambda: plm(str(files / "rgb.png"), str(files / "label_small.png"), "3", 0.8, "centroid"), "80 x 60"),
         (lambda: plm(str(files / "rgb.png"), None, "3, x", 0.8, "centroid"), "whole numbers"),
     ]

@@ -18,6 +18,7 @@ import json
 import re
 import threading
 import time
+import unicodedata
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from clipteacher.prompts import MAX_TEMPLATE_CHARS, MAX_TEMPLATES, TemplateError, check_templates
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.io import DatasetError, read_label_file, to_rgb
 
@@ -36,7 +38,6 @@ MIN_SIDE = 16
 MAX_ASPECT = 8.0  # the student's input keeps the aspect ratio: a 1 x 8000 strip would be huge
 MAX_CLASSES = 255  # mask PNGs are 8-bit palette images
 MAX_NAME_CHARS = 100
-MAX_TEMPLATES = 16
 MAX_WINDOWS = 4
 CACHE_IMAGES = 8  # images whose model outputs are kept
 
@@ -149,13 +150,22 @@ def image_size(path) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
+def clean_name(raw: str) -> str:
+    """Drop control and invisible format characters (NUL, zero-width spaces, ...) and fold white space."""
+    return " ".join("".join(c for c in raw if unicodedata.category(c) not in ("Cc", "Cf")).split())
+
+
 def parse_names(text: str | None) -> tuple[list[str], list[str]]:
     """'cow, grass\\nsky' -> (names, notes). Commas and newlines separate; blanks are dropped,
     duplicates (ignoring case) kept once, over-long names cut."""
+    text = text or ""
+    if len(text) > MAX_CLASSES * (MAX_NAME_CHARS + 2):
+        raise UserError(f"The class names are {len(text)} characters long; at most {MAX_CLASSES} names of "
+                        f"{MAX_NAME_CHARS} characters are supported.")
     notes = []
     names, seen, dupes, cut = [], set(), [], []
-    for raw in re.split(r"[,\n]", text or ""):
-        name = " ".join(raw.split())
+    for raw in re.split(r"[,\n]", text):
+        name = clean_name(raw)
         if not name:
             continue
         if len(name) > MAX_NAME_CHARS:
@@ -179,19 +189,20 @@ def parse_names(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def parse_templates(text: str | None) -> tuple[str, ...] | None:
-    """One prompt template per line, each with '{}' for the name; empty -> None (the bundle's)."""
-    lines = [" ".join(t.split()) for t in (text or "").splitlines()]
+    """One prompt template per line, each literal text with one '{}' for the name; empty -> None (the bundle's)."""
+    text = text or ""
+    if len(text) > MAX_TEMPLATES * (MAX_TEMPLATE_CHARS + 1):
+        raise UserError(f"The prompt templates are {len(text)} characters long; at most {MAX_TEMPLATES} templates of "
+                        f"{MAX_TEMPLATE_CHARS} characters are supported.")
+    lines = [" ".join(t.split()) for t in text.splitlines()]
     lines = list(dict.fromkeys(t for t in lines if t))
     if not lines:
         return None
-    bad = [t for t in lines if "{}" not in t]
-    if bad:
-        raise UserError(f"Each prompt template needs '{{}}' where the class name goes; not in: {bad[0]!r}")
-    if len(lines) > MAX_TEMPLATES:
-        raise UserError(f"{len(lines)} prompt templates given; at most {MAX_TEMPLATES} are supported.")
-    if any(len(t) > 200 for t in lines):
-        raise UserError("Prompt templates are limited to 200 characters.")
-    return tuple(lines)
+    try:
+        return check_templates(lines)
+    except TemplateError as err:
+        message = str(err)
+        raise UserError(message[:1].upper() + message[1:] + ".") from None
 
 
 def parse_windows(text) -> tuple[int, ...]:

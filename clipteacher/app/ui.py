@@ -22,6 +22,7 @@ import numpy as np
 
 from clipteacher.app import service as svc
 from clipteacher.pseudo import vis as pseudo_vis
+from clipteacher.prompts import outside_vocabulary
 from clipteacher.pseudo import resize_nearest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ class Handlers:
         # mask value = overlay opacity (AnnotatedImage paints value * 255 as alpha)
         masks = [((seg.labels == i) * MASK_OPACITY, n) for i, n in enumerate(seg.names) if n in seg.shares]
         colors = {n: hex_color(c) for n, c in zip(seg.names, seg.colors)}
-        unseen = [n for n in seg.names if n not in set(self.service.bundle.vocabulary)]
+        unseen = [n for n, out in zip(seg.names, outside_vocabulary(seg.names, self.service.bundle.vocabulary)) if out]
         g = self.service.bundle.gamma if gamma is None else float(gamma)
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
                   f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipteacher.prompts import check_templates, fill
 from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
 from clipteacher.train.config import TeacherConfig
 
@@ -89,9 +90,8 @@ class Teacher(nn.Module):
         """names: C class names -> C x D, L2-normalised mean over the filled-in templates."""
         if isinstance(names, str) or len(names) == 0:
             raise ValueError(f"encode_text expects a non-empty list of names, got {names!r}")
-        if isinstance(templates, str) or len(templates) == 0 or any("{}" not in t for t in templates):
-            raise ValueError(f"each prompt template must contain '{{}}', got {templates!r}")
-        texts = [t.format(n) for n in names for t in templates]
+        templates = check_templates(templates)
+        texts = [fill(t, n) for n in names for t in templates]
         device = next(self.text_encoder.parameters()).device
         tokens = {k: v.to(device) for k, v in self.tokenize(texts).items()}
         emb = self.text_encoder(**tokens).view(len(names), len(templates), -1).mean(1)

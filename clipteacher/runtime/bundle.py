@@ -35,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipteacher.io import resize_short, sha256_file
+from clipteacher.prompts import check_templates, fill, outside_vocabulary
 
 BUNDLE_FORMAT = "clipteacher-bundle-v1"
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
@@ -181,8 +182,7 @@ class Bundle:
     def unseen_bias(self, names: list[str], gamma: float | None = None) -> np.ndarray:
         """C float32: gamma (default the bundle's) for names outside the training vocabulary, 0 otherwise."""
         g = self.gamma if gamma is None else float(gamma)
-        known = set(self.vocabulary)
-        return np.array([0.0 if n in known else g for n in names], dtype=np.float32)
+        return np.array([g if out else 0.0 for out in outside_vocabulary(names, self.vocabulary)], dtype=np.float32)
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         """texts -> dict(input_ids B x L int64, attention_mask B x L int64), as the teacher's tokenizer."""
@@ -227,11 +227,10 @@ class Bundle:
         if isinstance(names, str) or len(names) == 0 or not all(isinstance(n, str) for n in names):
             raise ValueError(f"embed_text expects a non-empty list of names, got {names!r}")
         templates = self.templates if templates is None else tuple(templates)
-        if isinstance(templates, str) or len(templates) == 0 or any("{}" not in t for t in templates):
-            raise ValueError(f"each prompt template must contain '{{}}', got {templates!r}")
+        templates = check_templates(templates)
         missing = list(dict.fromkeys(n for n in names if (templates, n) not in self._text_cache))
         if missing:
-            texts = [t.format(n) for n in missing for t in templates]
+            texts = [fill(t, n) for n in missing for t in templates]
             emb = self.encode_texts(texts).reshape(len(missing), len(templates), -1).mean(1)
             self._text_cache.update({(templates, n): e for n, e in zip(missing, _normalize(emb))})
         return np.stack([self._text_cache[(templates, n)] for n in names])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from clipteacher.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipteacher.train.config import Config, ConfigError, save_config
 from clipteacher.train.data import EpochSampler, EvalDataset, TrainDataset
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
@@ -59,16 +58,6 @@ def lr_factor(step: int, cfg: Config) -> float:
     frac = min(1.0, (step - oc.warmup_iters) / max(1, total - oc.warmup_iters))
     floor = oc.min_lr / oc.lr
     return floor + (1 - floor) * (1 - frac) ** oc.poly_power
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
 from clipteacher.train.config import load_config, save_config
 from clipteacher.train.data import EvalDataset
 from clipteacher.train.datasets import build_dataset
@@ -98,13 +99,12 @@ def teacher_predictions(cfg, folder) -> tuple[dict, dict]:
 
 def strip_checkpoint(src: Path, dst: Path, gamma: float) -> None:
     """Inference-only copy: student weights, config, vocabulary, text cache, gamma (no optimizer)."""
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(src)
     keep = {k: v for k, v in ckpt["model"].items() if k.startswith("student.")}
     slim = {k: ckpt[k] for k in ("format", "config", "step", "vocabulary", "text_cache", "embed_dim",
                                  "teacher_fingerprint", "dataset")}
     slim.update({"model": keep, "gamma": gamma, "metrics": {}, "optimizer": None, "scheduler": None, "rng": None})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(slim, dst)
+    save_checkpoint({k: v for k, v in slim.items() if k != "format"}, dst)
 
 
 def colorize(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:
