@@ -35,12 +35,42 @@ def resize_short(image: np.ndarray, short: int) -> np.ndarray:
     return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
 
 
-def read_image_file(path: Path) -> np.ndarray:
-    """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
+# EXIF orientation tag value -> the transpose that makes the stored pixels upright
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = stored upright; 5-8 swap width and height)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no usable tag
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image, after its EXIF orientation."""
+    w, h = im.size
+    return (h, w) if orientation(im) >= 5 else (w, h)
+
+
+def make_upright(im: Image.Image, tag: int) -> Image.Image:
+    """Apply the transpose of EXIF orientation `tag` (as read from the original file) to `im`."""
+    return im.transpose(_UPRIGHT[tag]) if tag in _UPRIGHT else im
+
+
+def read_image_file(path: Path, upright: bool = True) -> np.ndarray:
+    """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted).
+
+    upright: apply the EXIF orientation, so the pixels are as a viewer shows them. Dataset readers
+    pass False: a dataset's label maps are drawn on the stored pixel grid.
+    """
     try:
         with Image.open(path) as im:
-            return to_rgb(im)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            return to_rgb(make_upright(im, orientation(im)) if upright else im)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"image {path} cannot be read: {e}") from None
 
 
@@ -52,6 +82,8 @@ def read_label_file(path: Path) -> np.ndarray:
                 raise DatasetError(f"label {path} is a {im.mode} image; expected a single-channel "
                                    f"index PNG (palette or greyscale)")
             raw = np.asarray(im)
+    except Image.DecompressionBombError:
+        raise DatasetError(f"label {path} is too large to decode (a decompression bomb?)") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         if isinstance(e, DatasetError):
             raise

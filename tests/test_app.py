@@ -144,6 +144,43 @@ def test_unseen_bias_ignores_case(service):
     assert bias.tolist() == [0.0, 0.0, 0.0, 2.0]
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an orientation tag is segmented as the user sees it."""
+    stored = np.zeros((60, 80, 3), np.uint8)
+    stored[:, :10] = 255  # white band on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image, _ = svc.load_image(tmp_path / "phone.jpg")
+    assert image.shape == (80, 60, 3)  # upright: taller than wide
+    assert image[:10].mean() > 200 and image[-10:].mean() < 50  # the band is now on top
+    assert svc.image_size(tmp_path / "phone.jpg") == (80, 60)
+    Image.fromarray(np.full((80, 60), 255, np.uint8)).save(tmp_path / "upright_label.png")
+    assert svc.load_label(tmp_path / "upright_label.png", (80, 60), (80, 60)).shape == (80, 60)
+
+
+def test_huge_label_png_is_one_line(tmp_path):
+    Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png")  # compresses to a few hundred KB
+    with pytest.raises(svc.UserError, match="too large"):
+        svc.load_label(tmp_path / "bomb.png", (60, 80), (60, 80))
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("", None), (1.5, 1.5), ("2", 2.0), (-1, -1.0)])
+def test_gamma_values(value, expected):
+    assert svc.parse_gamma(value) == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", float("inf"), [1], {"a": 1}])
+def test_bad_gamma_is_one_line(value):
+    with pytest.raises(svc.UserError, match="gamma must be"):
+        svc.parse_gamma(value)
+
+
+def test_info_names_no_server_paths(service):
+    info = service.info()
+    assert "/" not in info["bundle"] and "/" not in info["checkpoint"]
+
+
 # ---------------------------------------------------------------------------- model functions
 
 

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipteacher.prompts import MAX_TEMPLATE_CHARS, MAX_TEMPLATES, TemplateError, check_templates
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
-from clipteacher.io import DatasetError, read_label_file, to_rgb
+from clipteacher.io import DatasetError, make_upright, orientation, read_label_file, to_rgb, upright_size
 
 MAX_SIDE = 1024  # longer image side the app works at (the student sees a short side of eval_size anyway)
 MAX_PIXELS = 80_000_000  # larger uploads are refused before decoding (8000 x 8000 passes)
@@ -107,7 +107,8 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
     im = _open(path)
     notes = []
     with im:
-        w, h = im.size
+        tag = orientation(im)  # phone photos are stored sideways with a tag; the user sees them upright
+        w, h = upright_size(im)
         if w * h > MAX_PIXELS:
             raise UserError(f"The image is {w} x {h} pixels (over {MAX_PIXELS // 1_000_000} megapixels); "
                             f"upload a smaller one.")
@@ -119,12 +120,15 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
             if max(w, h) > MAX_SIDE:
                 s = MAX_SIDE / max(w, h)
                 size = (max(1, round(w * s)), max(1, round(h * s)))
+                if tag >= 5:  # resize in stored orientation, then turn upright
+                    size = size[::-1]
                 im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale directly
                 if im.mode.startswith("I;16"):
                     im = im.convert("I")  # Pillow resizes 32-bit integer images, keeping 16-bit depth
                 im = im.resize(size, Image.BILINEAR, reducing_gap=2.0)
-                notes.append(f"The image is {w} x {h} pixels; it was downscaled to {size[0]} x {size[1]}.")
-            image = to_rgb(im)
+                shown = size[::-1] if tag >= 5 else size
+                notes.append(f"The image is {w} x {h} pixels; it was downscaled to {shown[0]} x {shown[1]}.")
+            image = to_rgb(make_upright(im, tag))
         except (OSError, SyntaxError, ValueError) as err:
             raise UserError(f"{Path(str(path)).name} could not be decoded ({err}).") from None
     return image, notes
@@ -145,9 +149,10 @@ def load_label(path, original_hw: tuple[int, int], work_hw: tuple[int, int]) -> 
 
 
 def image_size(path) -> tuple[int, int]:
-    """(H, W) of an image file as uploaded."""
+    """(H, W) of an image file as the user sees it (EXIF orientation applied)."""
     with _open(path) as im:
-        return im.size[1], im.size[0]
+        w, h = upright_size(im)
+        return h, w
 
 
 def clean_name(raw: str) -> str:
@@ -203,6 +208,19 @@ def parse_templates(text: str | None) -> tuple[str, ...] | None:
     except TemplateError as err:
         message = str(err)
         raise UserError(message[:1].upper() + message[1:] + ".") from None
+
+
+def parse_gamma(value) -> float | None:
+    """The unseen bias from the UI or the API: a finite number, or None / '' for the bundle's default."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        gamma = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"The unseen bias gamma must be a number, got {str(value)[:40]!r}.") from None
+    if not np.isfinite(gamma):
+        raise UserError("The unseen bias gamma must be a finite number.")
+    return gamma
 
 
 def parse_windows(text) -> tuple[int, ...]:
@@ -286,8 +304,7 @@ class Service:
         start = time.perf_counter()
         names, notes = parse_names(names_text)
         templates = parse_templates(templates_text)
-        if gamma is not None and not np.isfinite(float(gamma)):
-            raise UserError("The unseen bias gamma must be a finite number.")
+        gamma = parse_gamma(gamma)
         features, cached = self.features(image)
         text = self._text(names, templates)
         labels, logits = self.bundle.classify(features, text, self.bundle.unseen_bias(names, gamma), image.shape[:2])
@@ -336,10 +353,10 @@ class Service:
 
     def info(self) -> dict:
         b = self.bundle
-        return {"bundle": str(b.folder), "provider": b.provider, "precision": b.precision,
+        return {"bundle": b.folder.name, "provider": b.provider, "precision": b.precision,
                 "vocabulary": list(b.vocabulary), "gamma": b.gamma, "templates": list(b.templates),
                 "eval_size": b.eval_size, "teacher": b.teacher_kind,
-                "checkpoint": b.meta.get("source", {}).get("checkpoint", "")}
+                "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name}
 
 
 # ---------------------------------------------------------------------------- pictures

@@ -136,7 +136,8 @@ class Handlers:
         masks = [((seg.labels == i) * MASK_OPACITY, n) for i, n in enumerate(seg.names) if n in seg.shares]
         colors = {n: hex_color(c) for n, c in zip(seg.names, seg.colors)}
         unseen = [n for n, out in zip(seg.names, outside_vocabulary(seg.names, self.service.bundle.vocabulary)) if out]
-        g = self.service.bundle.gamma if gamma is None else float(gamma)
+        g = svc.parse_gamma(gamma)
+        g = self.service.bundle.gamma if g is None else g
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
                   f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "
                   f"{len(seg.shares)} present")

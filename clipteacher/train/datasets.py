@@ -164,7 +164,7 @@ class SegmentationFolder:
 
     def read_image(self, i: int) -> np.ndarray:
         """H x W x 3 uint8 RGB (grey, palette, RGBA and 16-bit files converted)."""
-        return read_image_file(self.image_path(i))
+        return read_image_file(self.image_path(i), upright=False)  # labels are drawn on the stored grid
 
     def read_raw_label(self, i: int) -> np.ndarray:
         """H x W uint8 stored label values (palette indices for 'P' PNGs), before any mapping."""
