@@ -11,6 +11,8 @@ data-dependent code (K-Means, `int(count)`, `isfinite`) cannot run on them.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from clipteacher.train.engine import MetricsLog, build_run, check_inputs, evalua
 from clipteacher.train.teacher_cache import TeacherCache
 
 META = torch.device("meta")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Reached(Exception):
@@ -117,3 +120,40 @@ class _NoBar:
 
     def set_postfix(self, **kwargs):
         pass
+
+
+@pytest.mark.parametrize("kind", ["voc", "context", "coco_stuff"])
+def test_paper_config_dry_run(kind, tmp_path):
+    """Each paper config runs end to end on the CPU: its own dataset layout, class list, templates and
+    student backbone; 2 steps, a checkpoint, a resume, one validation. Reduced for CI: a tiny random CLIP and
+    64-pixel crops (the full-size ViT-B/16 run is `training/run.py --dry-run`, README)."""
+    from helpers import TINY_CLIP, make_official_layout
+    from clipteacher.train.checkpoint import load_checkpoint
+    from clipteacher.train.config import load_config
+    from clipteacher.train.engine import dry_run
+
+    root = make_official_layout(kind, tmp_path / kind)
+    cfg = load_config(ROOT / "training" / "configs" / f"{kind}.yaml", [
+        f"data.root={root}", f"train.out_dir={tmp_path / 'run'}", "data.crop_size=64", "data.base_size=64",
+        "data.eval_size=64", "data.num_workers=0", "teacher.input_size=64", "student.pretrained=false",
+        "train.threads=1"])
+    assert cfg.train.device == "cuda"  # dry_run switches to the CPU itself
+    cfg.teacher.clip_config = TINY_CLIP
+    metrics = dry_run(cfg, verbose=False)
+    assert {"pAcc", "mIoU(S)", "mIoU(U)", "hIoU"} <= set(metrics)
+    ckpt = load_checkpoint(tmp_path / "run" / "dry_run" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["student"]["backbone"] == cfg.student.backbone
+    assert len(ckpt["text_cache"]) == {"voc": 20, "context": 59, "coco_stuff": 171}[kind]
+
+
+def test_cuda_requested_without_a_gpu_is_one_line(tiny_data, tmp_path, capsys):
+    import yaml
+    from clipteacher.cli import train as cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "out").to_dict()))
+    assert cli.main(["--config", str(path), "--quiet", "train.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.device=cuda" in err and len(err.splitlines()) == 1

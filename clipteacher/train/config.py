@@ -122,6 +122,7 @@ class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # mixed precision (autocast); auto: bf16 on GPUs that have it, else fp16 (with a loss scaler); off on the CPU
     amp_student: bool = True  # autocast the student's forward too (losses stay float32); False: only the frozen teacher
     threads: int = 0  # torch CPU threads (0 = torch default)
+    val_limit: int = 0  # validate on the first N images of the val split only (0 = all; --dry-run uses 2)
 
 
 @dataclass

@@ -9,6 +9,7 @@ there in one call (`clipteacher.train.data.to_device`); everything a model retur
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -110,11 +111,13 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
 
 @torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
-             size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
+             size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
+             limit: int = 0) -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
     device: where the student lives; images, text and bias are moved there (default CPU).
+    limit > 0 scores only the first `limit` images.
     """
     device = device or torch.device("cpu")
     was_training = student.training
@@ -122,7 +125,7 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
     info = folder.info
     cm = ConfusionMatrix(len(info.classes), info.ignore_index)
     data = EvalDataset(folder, size)
-    for i in tqdm(range(rank, len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
+    for i in tqdm(range(rank, min(len(data), limit) if limit > 0 else len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
         item = data[i]
         label = item["label"]
         logits = predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
@@ -321,7 +324,7 @@ def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
     cfg, info = run.cfg, run.train_set.info
     bias = unseen_bias(list(info.classes), run.vocabulary, cfg.train.gamma)
     m = evaluate(run.core.student, run.val_set, run.text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
-                 rank=run.rank, world=run.world, device=run.device, progress=verbose)
+                 rank=run.rank, world=run.world, device=run.device, progress=verbose, limit=cfg.train.val_limit)
     log.write({"step": run.state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
     if run.main and verbose:
         tqdm.write(f"step {run.state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
@@ -379,3 +382,17 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     if run.world > 1:
         dist.barrier()
     return metrics if run.main else {}
+
+
+def dry_run(cfg: Config, verbose: bool = True) -> dict:
+    """Check a config end to end on the CPU before renting GPUs: its data, teacher and student at their real
+    sizes, step 1 and a checkpoint, then a resume, step 2, one validation on 2 val images and a checkpoint,
+    all in <train.out_dir>/dry_run. Returns the validation metrics."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.device, cfg.train.iters, cfg.train.val_every, cfg.train.ckpt_every = "cpu", 2, 0, 1
+    cfg.train.val_limit, cfg.train.log_every, cfg.train.stop_at = 2, 1, 1
+    cfg.optim.warmup_iters = min(cfg.optim.warmup_iters, 1)
+    cfg.train.out_dir = str(Path(cfg.train.out_dir) / "dry_run")
+    train(cfg, verbose=verbose)
+    cfg.train.stop_at = 0
+    return train(cfg, resume="auto", verbose=verbose)
