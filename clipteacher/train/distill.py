@@ -7,6 +7,8 @@ outside so its weights are never broadcast or all-reduced.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,23 +21,42 @@ from clipteacher.models.student import Student
 from clipteacher.train.teacher_cache import TeacherCache
 
 
-class TeacherSource:
-    """Teacher CLS + dense tokens for a training batch (online or cached)."""
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on `device` in `dtype`; a no-op context when dtype is None (float32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
-    def __init__(self, teacher, cache: TeacherCache | None = None):
+
+class TeacherSource:
+    """Teacher CLS + dense tokens for a training batch (online or cached), on the teacher's device.
+
+    amp: autocast dtype for the teacher's forward (None = float32); its outputs are float32 either way.
+    """
+
+    def __init__(self, teacher, cache: TeacherCache | None = None, amp: torch.dtype | None = None):
         self.teacher = teacher.eval()
         self.cache = cache
+        self.amp = amp
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.pixel_mean.device
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (cls B x D, dense B x D x h x w) aligned with batch['image']."""
+        """batch: a training batch already on the teacher's device (`clipteacher.train.data.to_device`).
+
+        -> (cls B x D, dense B x D x h x w) float32 on that device, aligned with batch['image'] (B x 3 x S x S)."""
+        device = self.device
         if self.cache is not None:
-            return self.cache.lookup(batch["index"], batch["box"], batch["flip"])
+            cls, dense = self.cache.lookup(batch["index"], batch["box"], batch["flip"])
+            return cls.to(device), dense.to(device)
         self.teacher.eval()
-        out = self.teacher(batch["image"])
+        with autocast(device, self.amp):
+            out = self.teacher(batch["image"])
+        cls, dense = out.cls.float(), out.dense.float()
         # Padding is black in the crop; its tokens would form a fake region, so zero them.
-        valid = F.adaptive_max_pool2d(batch["valid"][:, None].float(), out.dense.shape[-2:]) > 0
-        return out.cls, out.dense * valid
+        valid = F.adaptive_max_pool2d(batch["valid"][:, None].float(), dense.shape[-2:]) > 0
+        return cls, dense * valid
 
 
 def at_stride(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -56,18 +77,23 @@ class Distiller(nn.Module):
         self.use_plm = cfg.loss.ce_weight > 0 or cfg.loss.gen_weight > 0
         self.plm = PixelLearningModule(cfg.plm, embed_dim) if self.use_plm else None
         self.register_buffer("text_seen", text_seen.clone())
+        self.amp: torch.dtype | None = None  # autocast dtype of the student's forward (None = float32); set by the engine
 
     def pseudo_labels(self, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-        """B x H x W pseudo-label map from teacher tokens, or None when the PLM is off."""
+        """dense: B x D x h x w, labels/valid: B x H x W -> B x H x W pseudo-label map on labels' device, or None
+        when the PLM is off. K-Means runs in numpy on the CPU whatever the device."""
         if not self.use_plm:
             return None
-        return make_pseudo_labels(dense, labels, valid, self.text_seen.shape[0], self.cfg.plm, self.ignore_index)
+        pseudo = make_pseudo_labels(dense, labels, valid, self.text_seen.shape[0], self.cfg.plm, self.ignore_index)
+        return pseudo.to(labels.device)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor,
                 pseudo: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D."""
         lc, scale = self.cfg.loss, self.cfg.student.logit_scale
-        feats = self.student(images)
+        with autocast(images.device, self.amp):
+            feats = self.student(images)
+        feats = feats.float()  # the losses run in float32 (a no-op without autocast)
         unit = F.normalize(feats, dim=1)  # once: normalising B x D x H/4 x W/4 is a large share of a CPU step
         losses: dict[str, torch.Tensor] = {}
         # Losses work at the feature resolution (stride 4) with nearest-sampled labels: 16x cheaper

@@ -4,9 +4,12 @@
 checkpoint (`restore`) and runs `run_steps` between validations and checkpoints until
 `train.iters`; `evaluate` scores a student on a split.
 Under `torchrun` each process trains on its shard of every epoch (DDP, gloo on CPU, nccl on GPU).
+Device rule: the teacher and the Distiller live on the run's device; `run_steps` moves each batch
+there in one call (`clipteacher.train.data.to_device`); everything a model returns stays there.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -23,7 +26,7 @@ from tqdm import tqdm
 
 from clipteacher.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipteacher.train.config import Config, ConfigError, save_config
-from clipteacher.train.data import EpochSampler, EvalDataset, TrainDataset
+from clipteacher.train.data import EpochSampler, EvalDataset, TrainDataset, to_device
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
 from clipteacher.train.distill import Distiller, TeacherSource
 from clipteacher.train.metrics import ConfusionMatrix, summarize
@@ -37,17 +40,35 @@ MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kin
 
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
+    """(rank, world size, device); initialises the process group under torchrun (nccl on GPUs, else gloo).
+
+    Each process uses GPU LOCAL_RANK of its node."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but this machine has no usable CUDA device; "
+                          "use train.device=cpu (or auto), or --dry-run for a CPU check of the config")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    target = torch.device("cpu")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s); "
+                              f"start at most that many processes per node (--nproc_per_node)")
+        torch.cuda.set_device(local)  # before the process group, so NCCL binds this GPU
+        target = torch.device("cuda", local)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    return rank, world, target
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """train.amp -> autocast dtype (None = float32). auto: bf16 on GPUs that support it, else fp16; off on the CPU."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -74,10 +95,13 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
 
 @torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
-             size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
+             size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
+             limit: int = 0) -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
+    device: where the student lives; images, text and bias are moved there (default CPU).
+    limit > 0 scores only the first `limit` images.
     """
     device = device or torch.device("cpu")
     was_training = student.training
@@ -85,16 +109,16 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
     info = folder.info
     cm = ConfusionMatrix(len(info.classes), info.ignore_index)
     data = EvalDataset(folder, size)
-    for i in tqdm(range(rank, len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
+    for i in tqdm(range(rank, min(len(data), limit) if limit > 0 else len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
         item = data[i]
         label = item["label"]
         logits = predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
                                 tuple(label.shape), window)
         cm.update(logits.argmax(1)[0].cpu().numpy(), label.numpy())
     if world > 1:
-        matrix = torch.from_numpy(cm.matrix)
+        matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(matrix)
-        cm.matrix = matrix.numpy()
+        cm.matrix = matrix.cpu().numpy()
     student.train(was_training)
     return summarize(cm.matrix, info.classes, info.unseen)
 
@@ -126,23 +150,27 @@ class MetricsLog:
 
 
 def run_steps(model, source: TeacherSource, batches, optimizer, scheduler, cfg: Config, state: dict,
-              steps: int, log: MetricsLog, bar, device) -> None:
-    """Run `steps` optimisation steps from the batch iterator, updating state['step'] in place."""
+              steps: int, log: MetricsLog, bar, device, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Run `steps` optimisation steps from the batch iterator, updating state['step'] in place.
+
+    Each batch moves to `device` (where the teacher and `model` live) here and nowhere else; `scaler`
+    scales the loss for float16 autocast (None or disabled: plain backward and step)."""
     core = model.module if isinstance(model, DistributedDataParallel) else model
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     sums: dict[str, float] = {}
     t0 = time.time()
     for _ in range(steps):
-        batch = next(batches)
+        batch = to_device(next(batches), device, non_blocking=device.type == "cuda")
         cls, dense = source(batch)
         pseudo = core.pseudo_labels(dense, batch["label"], batch["valid"])
-        losses = model(batch["image"].to(device), batch["label"].to(device), batch["valid"].to(device),
-                       cls.to(device), None if pseudo is None else pseudo.to(device))
+        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {state['step']}: { {k: float(v) for k, v in losses.items()} }")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state["step"] += 1
         for k, v in losses.items():
@@ -178,6 +206,7 @@ class Run:
     core: Distiller
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # loss scaling for float16 autocast of the student; disabled otherwise
     state: dict = field(default_factory=lambda: {"step": 0})
 
     @property
@@ -211,6 +240,9 @@ def check_inputs(cfg: Config, resume: str | None, verbose: bool, main: bool):
 def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationFolder, verbose: bool = True) -> Run:
     """Teacher (and its cache), text embeddings, the learning modules and the optimiser."""
     rank, world, device = setup_distributed(cfg.train.device)
+    amp = amp_dtype(cfg.train.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest kernels are chosen once
     out = Path(cfg.train.out_dir)
     info = train_set.info
     torch.manual_seed(cfg.train.seed)
@@ -222,23 +254,28 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
     cache = None
     if cfg.teacher.mode == "cached":
         root = cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}"
-        # Rank 0 builds the cache; the others wait and then find it fresh, so no two processes write it.
-        if rank == 0:
-            cache = TeacherCache(root, teacher, train_set, verbose=verbose)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            cache = TeacherCache(root, teacher, train_set, verbose=False)
+        # No two processes write one cache: global rank 0 builds it; then the first process of every
+        # other node opens it, building its own copy only when cache_dir is node-local (not fresh there);
+        # then everyone else opens the fresh cache.
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        mine = 0 if rank == 0 else 1 if local == 0 else 2
+        for turn in range(3 if world > 1 else 1):
+            if turn == mine:
+                cache = TeacherCache(root, teacher, train_set, verbose=verbose and local == 0)
+            if world > 1:
+                dist.barrier()
 
     torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
     core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index).to(device)
+    core.amp = amp if cfg.train.amp_student else None
+    scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
     groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
     if core.plm is not None and any(True for _ in core.plm.parameters()):
         groups.append({"params": list(core.plm.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return Run(cfg, rank, world, device, out, train_set, val_set, vocabulary, text_all, text_cache, teacher,
-               TeacherSource(teacher, cache), core, optimizer, scheduler)
+               TeacherSource(teacher, cache, amp), core, optimizer, scheduler, scaler)
 
 
 def restore(run: Run, ckpt: dict) -> None:
@@ -246,6 +283,8 @@ def restore(run: Run, ckpt: dict) -> None:
     run.core.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
     run.state["step"] = ckpt["step"]
     set_rng_state(ckpt["rng"])
 
@@ -256,7 +295,8 @@ def save(run: Run, metrics: dict | None = None) -> None:
         return
     save_checkpoint({
         "config": run.cfg.to_dict(), "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "step": run.state["step"], "rng": rng_state(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": run.state["step"],
+        "rng": rng_state(),
         "vocabulary": run.vocabulary, "text_cache": run.text_cache, "embed_dim": run.teacher.embed_dim,
         "gamma": run.cfg.train.gamma, "teacher_fingerprint": run.teacher.fingerprint(),
         "dataset": run.train_set.info.name, "metrics": metrics or {},
@@ -268,11 +308,22 @@ def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
     cfg, info = run.cfg, run.train_set.info
     bias = unseen_bias(list(info.classes), run.vocabulary, cfg.train.gamma)
     m = evaluate(run.core.student, run.val_set, run.text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
-                 rank=run.rank, world=run.world, device=run.device, progress=verbose)
+                 rank=run.rank, world=run.world, device=run.device, progress=verbose, limit=cfg.train.val_limit)
     log.write({"step": run.state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
     if run.main and verbose:
         tqdm.write(f"step {run.state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
     return m
+
+
+def make_loader(run: Run) -> tuple[EpochSampler, DataLoader]:
+    """This rank's sampler (from the run's current step) and DataLoader; CPU batches, pinned for a GPU run."""
+    cfg = run.cfg
+    dataset = TrainDataset(run.train_set, cfg.data, cfg.train.seed, run.vocabulary)
+    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
+                           start=run.state["step"])
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        persistent_workers=cfg.data.num_workers > 0, pin_memory=run.device.type == "cuda")
+    return sampler, loader
 
 
 def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
@@ -284,17 +335,14 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     run = build_run(cfg, train_set, val_set, verbose)
     if ckpt is not None:
         restore(run, ckpt)
-    model = DistributedDataParallel(run.core) if run.world > 1 else run.core
+    cuda = run.device.type == "cuda"
+    model = DistributedDataParallel(run.core, device_ids=[run.device.index] if cuda else None) if run.world > 1 else run.core
     model.train()
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.yaml")
     log = MetricsLog(run.out, run.main)
-    dataset = TrainDataset(train_set, cfg.data, cfg.train.seed, run.vocabulary)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
-                           start=run.state["step"])
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        persistent_workers=cfg.data.num_workers > 0)
+    sampler, loader = make_loader(run)
     batches = iter(loader)
 
     state = run.state
@@ -308,7 +356,7 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
             if every > 0:
                 marks.append((state["step"] // every + 1) * every)
         run_steps(model, run.source, batches, run.optimizer, run.scheduler, cfg, state, min(marks) - state["step"],
-                  log, bar, run.device)
+                  log, bar, run.device, run.scaler)
         at_end = state["step"] >= cfg.train.iters
         if (cfg.train.val_every > 0 and state["step"] % cfg.train.val_every == 0) or at_end:
             metrics = validate(run, log, verbose)
@@ -318,3 +366,17 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     if run.world > 1:
         dist.barrier()
     return metrics if run.main else {}
+
+
+def dry_run(cfg: Config, verbose: bool = True) -> dict:
+    """Check a config end to end on the CPU before renting GPUs: its data, teacher and student at their real
+    sizes, step 1 and a checkpoint, then a resume, step 2, one validation on 2 val images and a checkpoint,
+    all in <train.out_dir>/dry_run. Returns the validation metrics."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.device, cfg.train.iters, cfg.train.val_every, cfg.train.ckpt_every = "cpu", 2, 0, 1
+    cfg.train.val_limit, cfg.train.log_every, cfg.train.stop_at = 2, 1, 1
+    cfg.optim.warmup_iters = min(cfg.optim.warmup_iters, 1)
+    cfg.train.out_dir = str(Path(cfg.train.out_dir) / "dry_run")
+    train(cfg, verbose=verbose)
+    cfg.train.stop_at = 0
+    return train(cfg, resume="auto", verbose=verbose)

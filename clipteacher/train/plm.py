@@ -25,9 +25,9 @@ def make_pseudo_labels(dense: torch.Tensor, labels: torch.Tensor, valid: torch.T
                        cfg: PLMConfig, ignore_index: int = 255) -> torch.Tensor:
     """dense: B x D x h x w teacher tokens aligned with the crop; labels, valid: B x H x W.
 
-    Returns B x H x W long: seen ids unchanged, pseudo regions num_seen + r, the rest ignore.
+    Returns B x H x W long on the CPU: seen ids unchanged, pseudo regions num_seen + r, the rest ignore.
     """
-    out = labels.clone()
+    out = labels.cpu().clone()
     tokens = dense.permute(0, 2, 3, 1).float().cpu().numpy()
     lab = labels.cpu().numpy()
     val = valid.cpu().numpy()

@@ -57,6 +57,7 @@ class TeacherCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         size = teacher.input_size
+        device = teacher.pixel_mean.device
         cls_arr = dense_arr = None
         bar = tqdm(range(0, len(folder), batch_size), desc="teacher cache", disable=not verbose)
         for start in bar:
@@ -64,7 +65,7 @@ class TeacherCache:
             images = torch.stack([
                 torch.nn.functional.interpolate(to_tensor(folder.read_image(i))[None], size=(size, size),
                                                 mode="bilinear", align_corners=False)[0] for i in idx])
-            out = teacher(images)
+            out = teacher(images.to(device))  # N x 3 x S x S on the teacher's device; float32 (the cache is built once)
             if cls_arr is None:
                 d, h, w = out.dense.shape[1:]
                 cls_arr = np.lib.format.open_memmap(tmp / "cls.npy", "w+", np.float16, (len(folder), d))
@@ -80,7 +81,8 @@ class TeacherCache:
         os.replace(tmp, self.root)
 
     def lookup(self, indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher tokens for a batch of crops: (cls B x D, dense B x D x h x w), dense cropped by box."""
+        """Teacher tokens for a batch of crops (indices B, boxes B x 4, flips B, on the CPU):
+        (cls B x D, dense B x D x h x w) float32 on the CPU, dense cropped by box; `TeacherSource` moves them."""
         idx = indices.cpu().numpy()
         dense = torch.from_numpy(np.stack([self.dense[i] for i in idx]).astype(np.float32))
         dense = crop_features(dense, boxes.cpu(), flips.cpu(), tuple(dense.shape[-2:]))
