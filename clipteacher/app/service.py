@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clipteacher.prompts import MAX_TEMPLATE_CHARS, MAX_TEMPLATES, TemplateError, check_templates
+from clipteacher.prompts import MAX_TEMPLATE_CHARS, MAX_TEMPLATES, TemplateError, check_templates, outside_vocabulary
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.io import DatasetError, make_upright, orientation, read_label_file, to_rgb, upright_size
 
@@ -55,6 +55,8 @@ class Segmentation:
     colors: np.ndarray  # C x 3 uint8, the legend's and the mask PNG's palette
     seconds: float
     cached: bool  # the image pass came from the cache
+    gamma: float  # the unseen bias applied
+    unseen: list[str]  # the names outside the training vocabulary (they got +gamma)
     notes: list[str] = field(default_factory=list)
 
 
@@ -257,7 +259,7 @@ def cosine_maps(features: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 
 class Service:
-    """The app's computations on one `clipteacher.runtime.bundle.Bundle`. Thread-safe; keeps the model
+    """The app's computations on one `clipteacher.runtime.Bundle`. Thread-safe; keeps the model
     outputs of the last CACHE_IMAGES images. `passes` counts image passes per graph."""
 
     def __init__(self, bundle, cache_images: int = CACHE_IMAGES):
@@ -305,14 +307,16 @@ class Service:
         names, notes = parse_names(names_text)
         templates = parse_templates(templates_text)
         gamma = parse_gamma(gamma)
+        gamma = self.bundle.gamma if gamma is None else gamma
         features, cached = self.features(image)
         text = self._text(names, templates)
+        unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         labels, logits = self.bundle.classify(features, text, self.bundle.unseen_bias(names, gamma), image.shape[:2])
         counts = np.bincount(labels.ravel(), minlength=len(names))
         order = np.argsort(-counts, kind="stable")
         shares = {names[i]: float(counts[i]) / labels.size for i in order if counts[i] > 0}
         return Segmentation(names, labels, logits, shares, pseudo_vis.region_palette(len(names)),
-                            time.perf_counter() - start, cached, notes)
+                            time.perf_counter() - start, cached, gamma, unseen, notes)
 
     def attention(self, image: np.ndarray, names_text: str | None = None,
                   templates_text: str | None = None) -> Attention:

@@ -21,9 +21,7 @@ import gradio as gr
 import numpy as np
 
 from clipteacher.app import service as svc
-from clipteacher.pseudo import vis as pseudo_vis
-from clipteacher.prompts import outside_vocabulary
-from clipteacher.pseudo import resize_nearest
+from clipteacher.pseudo import resize_nearest, vis as pseudo_vis
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -101,7 +99,8 @@ def _mtime(path: Path) -> float:
 
 
 def hex_color(rgb) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
+    r, g, b = (int(c) for c in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 class Handlers:
@@ -135,15 +134,12 @@ class Handlers:
         # mask value = overlay opacity (AnnotatedImage paints value * 255 as alpha)
         masks = [((seg.labels == i) * MASK_OPACITY, n) for i, n in enumerate(seg.names) if n in seg.shares]
         colors = {n: hex_color(c) for n, c in zip(seg.names, seg.colors)}
-        unseen = [n for n, out in zip(seg.names, outside_vocabulary(seg.names, self.service.bundle.vocabulary)) if out]
-        g = svc.parse_gamma(gamma)
-        g = self.service.bundle.gamma if g is None else g
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
                   f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "
                   f"{len(seg.shares)} present")
-        if unseen:
-            status += f"  \nOutside the training vocabulary (+γ = {g:g}): {', '.join(unseen[:20])}"
-            status += " ..." if len(unseen) > 20 else ""
+        if seg.unseen:
+            status += f"  \nOutside the training vocabulary (+γ = {seg.gamma:g}): {', '.join(seg.unseen[:20])}"
+            status += " ..." if len(seg.unseen) > 20 else ""
         return (gr.AnnotatedImage(value=(picture, masks), color_map=colors), seg.shares,
                 self._save_mask(seg, image), status)
 

@@ -37,17 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from clipteacher.train.datasets import build_dataset
-        from clipteacher.train.engine import evaluate
+        from clipteacher.train.engine import evaluate, resolve_device
         from clipteacher.predictor import Segmenter, unseen_bias
 
         folder = build_dataset(args.kind, args.data, args.split)
         folder.validate()
-        import torch
-
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but this machine has no usable CUDA device")
-        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                              else "cpu")
+        device = resolve_device(args.device, "--device")
         seg = Segmenter.from_checkpoint(args.checkpoint, device)
         classes = list(folder.info.classes)
         gamma = seg.gamma if args.gamma is None else args.gamma

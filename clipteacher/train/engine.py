@@ -38,16 +38,21 @@ MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kin
               ("teacher", "conse_backbone"), ("plm", "generator"), ("plm", "decoder_layers"), ("glm", "bank_size")]
 
 
+def resolve_device(name: str, what: str = "device") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> torch.device; auto is CUDA when usable. `what` names the setting in the error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}=cuda but this machine has no usable CUDA device; use cpu (or auto), "
+                          f"or --dry-run for a CPU check of a training config")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun (nccl on GPUs, else gloo).
 
     Each process uses GPU LOCAL_RANK of its node."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but this machine has no usable CUDA device; "
-                          "use train.device=cpu (or auto), or --dry-run for a CPU check of the config")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    target = torch.device("cpu")
+    target = resolve_device(device, "train.device")
+    use_cuda = target.type == "cuda"
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
