@@ -22,7 +22,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     train(tiny_config(tiny_data, tmp_path / "a"), verbose=False)
     train(tiny_config(tiny_data, tmp_path / "b", train={"stop_at": 2}), verbose=False)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 2
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # logged after the checkpoint, then killed
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n" + '{"step": 4, "lo')
     train(tiny_config(tiny_data, tmp_path / "b"), resume="auto", verbose=False)
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 and all(r["loss"] != -1.0 for r in records if "loss" in r)
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["step"] == b["step"] == 4

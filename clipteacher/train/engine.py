@@ -142,6 +142,22 @@ class MetricsLog:
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self.tb = None
 
+    def keep_until(self, step: int) -> None:
+        """Drop records after `step`: a run resumed from a checkpoint at `step` logs those steps again
+        (and a fresh run, step 0, starts a fresh file). Rewritten atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    kept.append(line + "\n")
+            except (ValueError, TypeError, AttributeError):  # a line cut short by a kill
+                continue
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -346,6 +362,7 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.yaml")
     log = MetricsLog(run.out, run.main)
+    log.keep_until(run.state["step"])
     sampler, loader = make_loader(run)
     batches = iter(loader)
 
