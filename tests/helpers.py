@@ -91,11 +91,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(bundle: Path, port: int, log: Path) -> subprocess.Popen:
-    """app/run.py in a subprocess; returns once it answers HTTP."""
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+def start_app(bundle: Path, port: int, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """app/run.py (with extra command-line `args` and `env` variables) in a subprocess; returns once it answers HTTP."""
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "run.py"), "--bundle", str(bundle), "--host",
-                             "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=open(log, "w"),
+                             "127.0.0.1", "--port", str(port), *args], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 90
     while time.time() < deadline:

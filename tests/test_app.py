@@ -6,16 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clipteacher.app import service as svc
+from clipteacher.app import ui
 from clipteacher.app.ui import Handlers, guarded
 from clipteacher.cli import app as app_run
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
@@ -273,9 +276,11 @@ def handlers(service):
 
 
 def test_handlers_outputs(handlers, files):
-    overlay, shares, mask, status = guarded(handlers.segment)(str(files / "rgb.png"), "sky, grass, zebra", "", 1.0)
-    picture, masks = overlay.value["image"], overlay.value["annotations"]
-    assert len(masks) == len(shares) and set(overlay.color_map) == {"sky", "grass", "zebra"}
+    overlay, legend, shares, mask, status = guarded(handlers.segment)(str(files / "rgb.png"), "sky, grass, zebra",
+                                                                       "", 1.0)
+    with Image.open(overlay) as im:  # one picture: the labels' colours over the image
+        assert im.format == "JPEG" and im.size == (80, 60)
+    assert legend.count('class="swatch"') == len(shares) and all(f"{n} " in legend for n in shares)
     assert Path(mask).name == "rgb_mask.png" and Path(mask).is_file()
     assert " s**" in status and "zebra" in status  # request time; the unseen name is listed
     heat, gallery, status = guarded(handlers.attention)(str(files / "rgb.png"), "sky, grass", "")
@@ -309,6 +314,23 @@ def test_every_bad_input_gives_a_clear_message(handlers, files, monkeypatch):
     seg(str(files / "rgb.png"), "cow, cow, " + "x" * 500 + ", " + ", ".join(f"n{i}" for i in range(200)), "", 1.5)
     assert any("downscaled" in w for w in warnings) and any("Duplicate" in w for w in warnings)
     assert any("shortened" in w for w in warnings)
+
+
+def test_legend_escapes_names(service, files):
+    image, _ = svc.load_image(files / "rgb.png")
+    legend = svc.legend_html(service.segment(image, "<img src=x onerror=alert(1)>"))  # the only class: present
+    assert "<img" not in legend and "&lt;img src=x onerror=alert(1)&gt; 100%" in legend
+
+
+def test_result_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{ui.FOLDER_PREFIX}{int(dead.stdout)}_abc"
+    live = tmp_path / f"{ui.FOLDER_PREFIX}{os.getpid()}_abc"
+    for folder in (stale, live):
+        (folder / "x").mkdir(parents=True)
+    assert ui.remove_stale_folders() == [stale]
+    assert not stale.exists() and live.exists()
 
 
 def test_unexpected_errors_are_one_line(handlers, files, monkeypatch):
@@ -369,16 +391,31 @@ def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
     from gradio_client import Client, handle_file
 
     port = free_port()
-    proc = start_app(bundle_dir, port, tmp_path / "app.log")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc = start_app(bundle_dir, port, tmp_path / "app.log", "--max-upload-mb", "2", env={"TMPDIR": str(temp)})
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        overlay, shares, mask, status = client.predict(handle_file(str(files / "rgb.png")), "sky, grass, zebra",
-                                                       "", 1.5, api_name="/segment")
+        overlay, legend, shares, mask, status = client.predict(handle_file(str(files / "rgb.png")),
+                                                               "sky, grass, zebra", "", 1.5, api_name="/segment")
         with Image.open(mask) as im:
             labels = np.asarray(im)
             assert labels.shape == (60, 80) and json.loads(im.info["classes"]) == ["sky", "grass", "zebra"]
         assert {c["label"] for c in shares["confidences"]} == {["sky", "grass", "zebra"][i] for i in np.unique(labels)}
-        assert {a["label"] for a in overlay["value"]["annotations"]} == {c["label"] for c in shares["confidences"]}
+        with Image.open(overlay) as im:
+            assert im.size == (80, 60)
+        assert legend.count('class="swatch"') == len(shares["confidences"])
+        # gamma as null means the bundle's default; text is refused in one line (Gradio's own slider check
+        # answered both with an unexplained error)
+        default = client.predict(handle_file(str(files / "rgb.png")), "sky, grass, zebra", "", None, api_name="/segment")
+        assert "+γ = 1.5" in default[4] or "γ" not in default[4]
+        with pytest.raises(Exception, match="gamma must be a number"):
+            client.predict(handle_file(str(files / "rgb.png")), "sky, zebra", "", "lots", api_name="/segment")
+        # uploads over the cap are refused by the server before they are stored
+        big = tmp_path / "big.png"
+        big.write_bytes(b"\x89PNG" + bytes(3 * 2**20))
+        reply = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files={"files": ("big.png", big.read_bytes())})
+        assert reply.status_code == 413 and str(2 * 2**20) in reply.text
         with pytest.raises(Exception, match="at least one class name"):  # a clear error, and the app keeps serving
             client.predict(handle_file(str(files / "rgb.png")), " , ", "", 1.5, api_name="/segment")
         with pytest.raises(Exception, match="not an image"):
@@ -392,6 +429,7 @@ def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    assert list(temp.glob(f"{ui.FOLDER_PREFIX}*")) == []  # `kill` lets the app remove its result folders
     assert "Traceback" not in (tmp_path / "app.log").read_text()
 
 

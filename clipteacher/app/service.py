@@ -14,6 +14,7 @@ or template set re-runs only the text encoder and the classifier.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import threading
@@ -379,6 +380,31 @@ def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path: Pat
     info.add_itxt("classes", json.dumps(names, ensure_ascii=False))
     im.save(path, pnginfo=info)
     return path
+
+
+def save_jpeg(image: np.ndarray, path: Path, quality: int = 90) -> Path:
+    """H x W x 3 uint8 RGB -> JPEG file (OpenCV's encoder: a few ms for a 1024-px picture)."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed for an image of shape {image.shape}")
+    path.write_bytes(data.tobytes())
+    return path
+
+
+def hex_color(rgb) -> str:
+    r, g, b = (int(c) for c in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def legend_html(seg: Segmentation) -> str:
+    """The overlay's colour key: a swatch, the (escaped) name and its share for each present class."""
+    colors = dict(zip(seg.names, seg.colors))
+    entries = []
+    for name, share in seg.shares.items():
+        swatch = f'<span class="swatch" style="background:{hex_color(colors[name])}"></span>'
+        entries.append(f'<span class="legend-entry">{swatch}{html.escape(name)} '
+                       f'{f"{share:.0%}" if share >= 0.005 else "&lt;1%"}</span>')
+    return "".join(entries)
 
 
 def heat_overlay(image: np.ndarray, values: np.ndarray, vmin: float | None = None, vmax: float | None = None,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -34,14 +36,37 @@ EXAMPLE_NAMES = {
 MAX_SIMILARITY_MAPS = 24  # per-class maps shown in the attention tab
 THUMB = 512  # longer side of gallery pictures
 MASK_OPACITY = 0.6
-KEEP_MASKS = 32  # mask PNG folders kept on disk (Gradio copies each into its own cache)
+KEEP_MASKS = 32  # result folders kept on disk (Gradio copies each file into its own cache)
+FOLDER_PREFIX = "clipteacher_masks_"  # + pid: folders of dead processes are removed at the next start
 log = logging.getLogger("clipteacher.app")
 
 CSS = """
 #title h1 {margin-bottom: 0.2em}
 .status {min-height: 2em}
 .gallery-item {background: #181818}
+#legend .legend-entry {display: inline-flex; align-items: center; margin: 0 0.9em 0.3em 0; font-size: 0.95em}
+#legend .swatch {width: 0.95em; height: 0.95em; border-radius: 2px; margin-right: 0.35em; display: inline-block}
 """
+
+
+@dataclass
+class Serving:
+    """How many requests the app computes at once and how many it lets wait (see clipteacher-app --help)."""
+
+    concurrency: int = 2  # model requests computed at once, shared by /segment, /attention and /pseudo_labels
+    queue: int = 32  # requests waiting beyond those; more are answered "busy, try again" (HTTP 503)
+    max_upload_mb: float = 20.0  # larger uploads are refused before they are stored or decoded
+
+    def __post_init__(self):
+        if self.concurrency < 1 or self.queue < 1 or not self.max_upload_mb > 0:
+            raise ValueError(f"concurrency and queue must be >= 1 and the upload cap > 0, got {self}")
+
+
+def raw_value(component):
+    """Hand the handler the API's raw value: Gradio's own check of a Slider turns null or text into an
+    unexplained internal error; `service.parse_gamma` explains (or, for null, uses the default)."""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 def image_file(**kwargs) -> gr.Image:
@@ -98,9 +123,25 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def hex_color(rgb) -> str:
-    r, g, b = (int(c) for c in rgb)
-    return f"#{r:02x}{g:02x}{b:02x}"
+def remove_stale_folders() -> list[Path]:
+    """Remove the result folders of app processes that are gone (killed without a chance to clean up)."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*_*"):
+        pid = folder.name[len(FOLDER_PREFIX):].split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class Handlers:
@@ -108,40 +149,43 @@ class Handlers:
 
     def __init__(self, service: svc.Service):
         self.service = service
-        self.mask_dir = Path(tempfile.mkdtemp(prefix="clipteacher_masks_"))
-        atexit.register(shutil.rmtree, self.mask_dir, ignore_errors=True)
+        remove_stale_folders()
+        self.mask_dir = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}_"))
+        atexit.register(shutil.rmtree, self.mask_dir, ignore_errors=True)  # clipteacher-app turns SIGTERM into an exit
 
     def _image(self, path) -> np.ndarray:
         image, notes = svc.load_image(path)
         warn(notes)
         return image
 
-    def _save_mask(self, seg: svc.Segmentation, path) -> str:
-        folder = Path(tempfile.mkdtemp(dir=self.mask_dir))  # one folder per request keeps the download's name
-        folders = sorted(self.mask_dir.iterdir(), key=_mtime)
-        for old in folders[:-KEEP_MASKS]:
+    def _request_folder(self) -> Path:
+        """A new folder per request (a download keeps its file name); the oldest beyond KEEP_MASKS go."""
+        folder = Path(tempfile.mkdtemp(dir=self.mask_dir))
+        for old in sorted(self.mask_dir.iterdir(), key=_mtime)[:-KEEP_MASKS]:
             shutil.rmtree(old, ignore_errors=True)
-        stem = Path(str(path)).stem[:60] or "image"
-        return str(svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png"))
+        return folder
 
     def segment(self, image, names, templates, gamma):
-        """Segment `image` into the typed class names. Returns (overlay with legend, share of pixels
-        per class, mask PNG (pixel = index into the names), status text)."""
+        """Segment `image` into the typed class names. Returns (overlay JPEG, legend HTML, share of
+        pixels per class, mask PNG (pixel = index into the names), status text).
+
+        One JPEG of the coloured labels over the image is all the browser fetches to show the
+        result (not the input again, nor an image per class); the mask PNG is fetched on a click."""
         start = time.perf_counter()
         picture = self._image(image)
         seg = self.service.segment(picture, names, templates, gamma)
         warn(seg.notes)
-        # mask value = overlay opacity (AnnotatedImage paints value * 255 as alpha)
-        masks = [((seg.labels == i) * MASK_OPACITY, n) for i, n in enumerate(seg.names) if n in seg.shares]
-        colors = {n: hex_color(c) for n, c in zip(seg.names, seg.colors)}
+        folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
+        overlay = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, MASK_OPACITY, seg.colors),
+                                folder / f"{stem}_overlay.jpg")
+        mask = svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png")
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
                   f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "
                   f"{len(seg.shares)} present")
         if seg.unseen:
             status += f"  \nOutside the training vocabulary (+γ = {seg.gamma:g}): {', '.join(seg.unseen[:20])}"
             status += " ..." if len(seg.unseen) > 20 else ""
-        return (gr.AnnotatedImage(value=(picture, masks), color_map=colors), seg.shares,
-                self._save_mask(seg, image), status)
+        return str(overlay), svc.legend_html(seg), seg.shares, str(mask), status
 
     def attention(self, image, names, templates):
         """GLM attention (docs/METHOD.md#global-learning-module) of the teacher's CLS token over the student's features,
@@ -203,7 +247,8 @@ class Handlers:
         return self.service.info()
 
 
-def build_demo(service: svc.Service) -> gr.Blocks:
+def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Blocks:
+    serving = serving or Serving()
     h = Handlers(service)
     b = service.bundle
     examples = [[str(EXAMPLES / f"{n}.jpg"), names] for n, names in EXAMPLE_NAMES.items()
@@ -216,7 +261,7 @@ def build_demo(service: svc.Service) -> gr.Blocks:
             f"Running on `{b.provider.replace('ExecutionProvider', '')}`.", elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                image = image_file(label="Image", height=300)
+                image = image_file(label=f"Image (up to {serving.max_upload_mb:g} MB)", height=300)
                 names = gr.Textbox(label="Class names (comma or newline separated)", lines=3,
                                    value=EXAMPLE_NAMES["farm"], placeholder="cow, grass, sky")
                 with gr.Accordion("Prompt templates", open=False):
@@ -230,10 +275,12 @@ def build_demo(service: svc.Service) -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Segment", id="segment"):
                         with gr.Row():
-                            gamma = gr.Slider(-5.0, max(5.0, 2 * abs(b.gamma)), value=b.gamma, step=0.05, scale=3,
-                                              label="Unseen bias γ (added to names outside the training vocabulary)")
+                            gamma = raw_value(gr.Slider(-5.0, max(5.0, 2 * abs(b.gamma)), value=b.gamma, step=0.05, scale=3,
+                                              label="Unseen bias γ (added to names outside the training vocabulary)"))
                             run_seg = gr.Button("Segment", variant="primary", scale=1)
-                        overlay = gr.AnnotatedImage(label="Segmentation (hover the legend)", height=420)
+                        overlay = gr.Image(label="Segmentation", type="filepath", height=420, interactive=False,
+                                           elem_id="overlay")
+                        legend = gr.HTML(elem_id="legend")
                         with gr.Row():
                             shares = gr.Label(label="Share of pixels", num_top_classes=10, scale=2,
                                               show_heading=False)
@@ -270,17 +317,23 @@ def build_demo(service: svc.Service) -> gr.Blocks:
                                            show_heading=False)
                         plm_status = gr.Markdown(elem_classes="status", label="status")
 
-        run_seg.click(guarded(h.segment), [image, names, templates, gamma], [overlay, shares, mask, seg_status],
-                      api_name="segment")
-        run_att.click(guarded(h.attention), [image, names, templates], [heat, sims, att_status], api_name="attention")
+        # one limit shared by the model endpoints, so concurrent requests never oversubscribe the cores
+        model = dict(concurrency_id="model", concurrency_limit=serving.concurrency)
+        run_seg.click(guarded(h.segment), [image, names, templates, gamma], [overlay, legend, shares, mask, seg_status],
+                      api_name="segment", **model)
+        run_att.click(guarded(h.attention), [image, names, templates], [heat, sims, att_status], api_name="attention",
+                      **model)
         run_plm.click(guarded(h.pseudo_labels), [image, label, windows, threshold, fusion],
-                      [clusters, regions, plm_status], api_name="pseudo_labels")
+                      [clusters, regions, plm_status], api_name="pseudo_labels", **model)
         info_btn = gr.Button(visible=False)
         info_out = gr.JSON(visible=False, label="info")
-        info_btn.click(guarded(h.info), None, info_out, api_name="info")
+        info_btn.click(guarded(h.info), None, info_out, api_name="info", concurrency_limit=None)
+    demo.queue(max_size=serving.queue)
+    demo.serving = serving
     return demo
 
 
 def launch(demo: gr.Blocks, host: str, port: int, **kwargs):
+    serving = getattr(demo, "serving", Serving())
     return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS,
-                       footer_links=["api"], show_error=False, **kwargs)
+                       footer_links=["api"], show_error=False, max_file_size=int(serving.max_upload_mb * 2**20), **kwargs)

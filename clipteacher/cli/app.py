@@ -1,16 +1,24 @@
 """Serve the Gradio app on an exported bundle (onnxruntime; this process never imports torch).
 
     clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
+                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB]
 
 Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/msrc21; if that folder does not exist
 it is built once from assets/msrc21_default.pt by `clipteacher-export` in a subprocess (the export
-needs torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION.
+needs torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
+CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB.
+
+Serving: up to --concurrency model requests run at once (default: the cores, at most 4), each
+onnxruntime session using --threads intra-op threads (default: cores / concurrency, so concurrent
+requests do not oversubscribe the CPU); up to --queue more wait, and beyond that a request is
+answered "busy, try again" (HTTP 503) at once instead of waiting without bound.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +66,10 @@ def resolve_bundle(folder: str | None) -> Path:
     return build_default_bundle()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipteacher-app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=os.environ.get("CLIPTEACHER_BUNDLE") or None,
@@ -66,7 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
     parser.add_argument("--precision", default=os.environ.get("CLIPTEACHER_PRECISION", "fp32"),
                         choices=["fp32", "int8", "fp16"], help="student graph variant (must be in the bundle)")
+    env = os.environ.get
+    parser.add_argument("--concurrency", type=int, default=env("CLIPTEACHER_CONCURRENCY"),
+                        help="model requests computed at once (default: the cores, at most 4)")
+    parser.add_argument("--queue", type=int, default=env("CLIPTEACHER_QUEUE", "32"),
+                        help="requests allowed to wait; more are answered 'busy, try again'")
+    parser.add_argument("--threads", type=int, default=env("CLIPTEACHER_THREADS"),
+                        help="onnxruntime threads per request (default: cores / concurrency)")
+    parser.add_argument("--max-upload-mb", type=float, default=env("CLIPTEACHER_MAX_UPLOAD_MB", "20"),
+                        help="uploads above this size are refused (default 20)")
     args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    concurrency = args.concurrency or min(cores, 4)
+    threads = args.threads or max(1, cores // concurrency)
+    from clipteacher.app.ui import Serving
+
+    try:
+        serving = Serving(concurrency=concurrency, queue=args.queue, max_upload_mb=args.max_upload_mb)
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
 
@@ -75,19 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     from clipteacher.runtime import Bundle
 
     try:
-        bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, verbose=False)
+        bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, verbose=False, threads=threads,
+                        spin=concurrency == 1)  # spinning threads would steal the cores of concurrent requests
     except (StartupError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    import cv2
+
     from clipteacher.app.service import Service
     from clipteacher.app.ui import build_demo, launch
 
+    cv2.setNumThreads(threads)
     service = Service(bundle)
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))
-    demo = build_demo(service)
+    demo = build_demo(service, serving)
+    logging.getLogger("clipteacher.app").info(
+        "serving %s on %s: %d request(s) at once, %d thread(s) each, %d may wait, uploads up to %g MB",
+        bundle.folder.name, bundle.provider, concurrency, threads, serving.queue, serving.max_upload_mb)
+    # `kill` (SIGTERM) stops the server like Ctrl-C, so the exit handlers remove the app's temporary files
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(demo, args.host, args.port)
     except OSError as err:  # port in use, cannot bind

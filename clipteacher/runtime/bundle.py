@@ -65,10 +65,11 @@ class Bundle:
     providers: force onnxruntime providers; default CUDA when usable, else CPU.
     verify: check every file's sha256 against bundle.json.
     threads: onnxruntime intra-op threads per session (None: onnxruntime's default, all cores).
+    spin: let idle onnxruntime threads spin-wait (fastest alone; off when requests run concurrently).
     """
 
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: list[str] | None = None,
-                 verify: bool = True, verbose: bool = True, threads: int | None = None):
+                 verify: bool = True, verbose: bool = True, threads: int | None = None, spin: bool = True):
         self.folder = Path(folder)
         path = self.folder / "bundle.json"
         if not path.is_file():
@@ -88,6 +89,8 @@ class Bundle:
         self._options = ort.SessionOptions()
         if threads:
             self._options.intra_op_num_threads = int(threads)
+        if not spin:
+            self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.vocabulary: list[str] = meta["vocabulary"]
         self.gamma = float(meta["gamma"])
         self.logit_scale = float(meta["logit_scale"])
