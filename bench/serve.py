@@ -14,6 +14,10 @@ Everything is measured in one run on this machine, so compare the ratios, not th
   - server RSS after `--total` requests, and the format-string template's refusal time and RSS growth
 The mask PNG is not fetched in the timed part (the browser downloads it only on a click); the
 concurrent phase fetches it afterwards to check each answer.
+
+Clients (--client): 'http' (default) calls Gradio's REST API (POST /gradio_api/call/<api>, then its
+event stream) with one session per client, like a browser tab; 'gradio' uses gradio_client, which
+spends ~100 ms of CPU per call itself, on the same 2 cores as the server.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import httpx
@@ -56,6 +61,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_images(folder: Path, n: int, side: int = 512) -> list[Path]:
     """n distinct real images scaled to `side` on the longer side (MSRC-21 when present, else the app's
     examples, each flipped/shifted so their content differs), saved as JPEG quality 90."""
@@ -76,8 +87,8 @@ def make_images(folder: Path, n: int, side: int = 512) -> list[Path]:
     return out
 
 
-def start_server(port: int, bundle: str | None, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "app" / "run.py"), "--port", str(port)]
+def start_server(port: int, bundle: str | None, log: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "app" / "run.py"), "--port", str(port), *extra]
     if bundle:
         cmd += ["--bundle", bundle]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HOST": "127.0.0.1"}
@@ -96,54 +107,82 @@ def start_server(port: int, bundle: str | None, log: Path) -> subprocess.Popen:
 
 
 class Driver:
-    """One client: gradio_client for the calls (outputs not downloaded) + httpx for what the browser fetches."""
+    """One client. kind 'http': Gradio's REST call API (POST /call/<api>, then its event stream) over one
+    keep-alive httpx connection, as light on the CPU as a browser tab; kind 'gradio': gradio_client, whose
+    own CPU use (tens of ms per call) competes with the server on a 2-core machine. Output files are
+    fetched as the browser fetches them."""
 
-    def __init__(self, url: str, gamma: float):
-        from gradio_client import Client
-
-        self.url, self.gamma = url, gamma
-        self.client = Client(url, verbose=False, download_files=False)
+    def __init__(self, url: str, gamma: float, kind: str = "http"):
+        self.url, self.gamma, self.kind = url.rstrip("/") + "/", gamma, kind
         self.http = httpx.Client(timeout=120)
+        self.session = uuid.uuid4().hex
+        self.client = None
+        if kind == "gradio":
+            from gradio_client import Client
+
+            self.client = Client(url, verbose=False, download_files=False)
+
+    def call(self, api: str, data: list):
+        if self.client is not None:
+            return self.client.predict(*data, api_name=f"/{api}")
+        # one session per client, as a browser tab has (Gradio builds per-session state on a session's first call)
+        r = self.http.post(f"{self.url}gradio_api/call/{api}", json={"data": data, "session_hash": self.session})
+        r.raise_for_status()
+        event = None
+        with self.http.stream("GET", f"{self.url}gradio_api/call/{api}/{r.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: ") and event in ("complete", "error"):
+                    data = json.loads(line[len("data: "):])
+                    if event == "error":
+                        raise RuntimeError(str(data))
+                    return data
+        raise RuntimeError(f"/{api}: the event stream ended without a result")
 
     def upload(self, path: Path) -> dict:
         """Upload once; the returned file reference is what the browser keeps for later requests."""
         with open(path, "rb") as f:
-            r = self.http.post(self.client.upload_url, files={"files": (path.name, f)})
+            r = self.http.post(f"{self.url}gradio_api/upload", files={"files": (path.name, f)})
         r.raise_for_status()
-        return {"path": r.json()[0], "orig_name": path.name}
+        ref = {"path": r.json()[0], "orig_name": path.name}
+        if self.client is None:  # (gradio_client would upload a FileData again)
+            ref["meta"] = {"_type": "gradio.FileData"}
+        return ref
 
     def segment(self, image, names: list[str], templates: str = "", fetch_overlay: bool = True):
-        """image: a local Path (uploaded by the client) or an uploaded file reference.
+        """image: a local Path (uploaded now) or an uploaded file reference.
         -> (seconds, outputs) including the overlay fetch, as the browser shows the result."""
-        from gradio_client import handle_file
-
         start = time.perf_counter()
-        arg = handle_file(str(image)) if isinstance(image, Path) else image
-        out = self.client.predict(arg, ", ".join(names), templates, self.gamma, api_name="/segment")
+        if isinstance(image, Path):
+            if self.client is not None:
+                from gradio_client import handle_file
+
+                image = handle_file(str(image))
+            else:
+                image = self.upload(image)
+        out = self.call("segment", [image, ", ".join(names), templates, self.gamma])
         if fetch_overlay:
             self.fetch(out[0])
         return time.perf_counter() - start, out
 
     def fetch(self, value) -> bytes:
+        """GET an output file as the browser does (value: the FileData dict the API returned)."""
         if isinstance(value, dict) and "value" in value and "url" not in value:  # a component update
             value = value["value"]
-        url = value.get("url") if isinstance(value, dict) else None
-        if url is None and isinstance(value, dict):  # AnnotatedImage: the base image and one PNG per class
-            parts = [value["image"]] + [a["image"] for a in value.get("annotations", [])]
-            return b"".join(self.fetch(p) for p in parts)
-        r = self.http.get(url)
+        r = self.http.get(value["url"])
         r.raise_for_status()
         return r.content
 
     def info(self) -> float:
         start = time.perf_counter()
-        self.client.predict(api_name="/info")
+        self.call("info", [])
         return time.perf_counter() - start
 
 
 def check_answer(driver: Driver, out, names: list[str], expected: np.ndarray) -> bool:
     """True when the mask PNG is this request's: same class list, same size, labels as computed in-process."""
-    with Image.open(io.BytesIO(driver.fetch(out[2]))) as im:
+    with Image.open(io.BytesIO(driver.fetch(out[3]))) as im:
         labels = np.asarray(im)
         classes = json.loads(im.info.get("classes", "[]"))
     if classes != names or labels.shape != expected.shape:
@@ -159,6 +198,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per-client", type=int, default=4, help="requests per concurrent client")
     parser.add_argument("--total", type=int, default=500, help="requests before the RSS reading")
+    parser.add_argument("--client", choices=["http", "gradio"], default="http",
+                        help="http: Gradio's REST call API (light); gradio: gradio_client")
+    parser.add_argument("--app-args", default="", help="extra clipteacher-app arguments, e.g. '--concurrency 1'")
     args = parser.parse_args()
 
     from clipteacher.app.service import Service, load_image
@@ -176,23 +218,25 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     bundle_dir = resolve_bundle(args.bundle)  # builds the default bundle once, as the app would
-    proc = start_server(port, str(bundle_dir) if args.bundle else None, tmp / "app.log")
+    proc = start_server(port, str(bundle_dir) if args.bundle else None, tmp / "app.log", args.app_args.split())
     url = f"http://127.0.0.1:{port}/"
     count = 0
     try:
         bundle = Bundle(bundle_dir, verbose=False)
         local = Service(bundle)
         picture, _ = load_image(images[0])
-        for _ in range(3):
-            bundle.image_features(picture)
         passes = []
-        for _ in range(20):
-            t = time.perf_counter()
-            bundle.image_features(picture)
-            passes.append(time.perf_counter() - t)
-        image_pass = statistics.median(passes)
 
-        d = Driver(url, bundle.gamma)
+        def measure_pass(n: int = 10):  # sampled at three points of the run: the machine's load drifts
+            bundle.image_features(picture)
+            for _ in range(n):
+                t = time.perf_counter()
+                bundle.image_features(picture)
+                passes.append(time.perf_counter() - t)
+
+        measure_pass()
+
+        d = Driver(url, bundle.gamma, args.client)
         d.info()
         d.segment(images[-1], NAMES)  # warm-up
         floor = [d.info() for _ in range(args.sequential)]
@@ -201,6 +245,7 @@ def main() -> None:
         d.segment(ref, NAMES)
         vocab = [d.segment(ref, NAMES[:4] + [EXTRA[i % len(EXTRA)] + f" {i}"])[0] for i in range(args.sequential)]
         count += 2 * args.sequential + 2
+        measure_pass()
         f50, n50, v50 = (statistics.median(x) for x in (floor, new, vocab))
         single_throughput = 1 / statistics.mean(new)
 
@@ -209,7 +254,7 @@ def main() -> None:
 
         def client_job(k: int):
             try:
-                drv = Driver(url, bundle.gamma)
+                drv = Driver(url, bundle.gamma, args.client)
             except Exception as err:  # noqa: BLE001 - counted as an error
                 with lock:
                     errors.extend([repr(err)] * args.per_client)
@@ -226,12 +271,15 @@ def main() -> None:
                         errors.append(str(err).splitlines()[0][:200])
 
         threads = [threading.Thread(target=client_job, args=(k,)) for k in range(args.clients)]
+        cpu_server, cpu_client = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
         wall = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - wall
+        cpu_server = (cpu_seconds(proc.pid) - cpu_server) / max(1, args.clients * args.per_client)
+        cpu_client = (cpu_seconds(os.getpid()) - cpu_client) / max(1, args.clients * args.per_client)
         count += args.clients * args.per_client
         lat = [r[0] for r in results]
         multi_throughput = len(results) / wall
@@ -242,7 +290,7 @@ def main() -> None:
 
         # top up to --total requests (mixed new images and vocabulary changes, 4 clients), then RSS
         rss_start = rss_mb(proc.pid)
-        drivers = [Driver(url, bundle.gamma) for _ in range(4)]
+        drivers = [Driver(url, bundle.gamma, args.client) for _ in range(4)]
         remaining = max(0, args.total - count)
 
         def top_up(k: int):
@@ -260,6 +308,9 @@ def main() -> None:
         count += remaining
         rss_end = rss_mb(proc.pid)
 
+        measure_pass()
+        image_pass = statistics.median(passes)
+
         # the format-string template of the issue: refused quickly, without memory growth
         before = rss_mb(proc.pid)
         t = time.perf_counter()
@@ -272,8 +323,10 @@ def main() -> None:
         template_mb = rss_mb(proc.pid) - before
 
         print(f"bench/serve.py  bundle={bundle_dir.name}  images 512 px (student input short side {bundle.eval_size})  "
-              f"cores={os.cpu_count()}")
-        print(f"  image pass (in-process, median of 20)      {ms(image_pass)}")
+              f"cores={os.cpu_count()}  client={args.client}  app args: {args.app_args or '(defaults)'}")
+        print("  " + next((line.split("clipteacher.app INFO ")[-1] for line in (tmp / "app.log").read_text().splitlines()
+                           if "serving " in line), "(app log has no serving line)"))
+        print(f"  image pass (in-process, median of 30)      {ms(image_pass)}")
         print(f"  protocol floor /info       p50 {ms(f50)}  p95 {ms(percentile(floor, 95))}")
         print(f"  new image (sequential)     p50 {ms(n50)}  p95 {ms(percentile(new, 95))}   "
               f"target <= floor + 1.5 x pass = {ms(f50 + 1.5 * image_pass)}: {'met' if n50 <= f50 + 1.5 * image_pass else 'MISSED'}")
@@ -286,6 +339,7 @@ def main() -> None:
         ratio = multi_throughput / single_throughput
         print(f"  throughput                 1 client {single_throughput:.2f}/s  {args.clients} clients "
               f"{multi_throughput:.2f}/s  = {ratio:.2f}x   target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'}")
+        print(f"  CPU per concurrent request  server {ms(cpu_server)}  clients {ms(cpu_client)}")
         print(f"  server RSS                 {rss_start:.0f} MB after {count - remaining} requests, "
               f"{rss_end:.0f} MB after {count}")
         print(f"  format-string template     {refused}  in {ms(template_s)}, RSS {template_mb:+.1f} MB   "
