@@ -2,6 +2,7 @@
 the startup path, a gradio_client round trip and a torch-free app process."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -331,6 +332,50 @@ def test_result_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
         (folder / "x").mkdir(parents=True)
     assert ui.remove_stale_folders() == [stale]
     assert not stale.exists() and live.exists()
+
+
+def test_busy_beyond_the_queue_and_concurrent_answers_stay_apart(bundle_dir, files):
+    """With 1 request computing and 1 waiting, a third is refused at once (HTTP 503: the browser says "busy,
+    try again"); the admitted ones finish with their own answers once the first is let go."""
+    import threading
+
+    gate, entered = threading.Event(), threading.Event()
+    service = svc.Service(Bundle(bundle_dir, verbose=False))
+    image_features = service.bundle.image_features
+
+    def held(image, size=None):
+        entered.set()
+        gate.wait(60)
+        return image_features(image, size)
+
+    service.bundle.image_features = held
+    demo = ui.build_demo(service, ui.Serving(concurrency=1, queue=1))
+    port = free_port()
+    ui.launch(demo, "127.0.0.1", port, prevent_thread_lock=True)
+    base = f"http://127.0.0.1:{port}/gradio_api"
+    try:
+        with httpx.Client(timeout=60) as http:
+            path = http.post(f"{base}/upload", files={"files": ("rgb.png", (files / "rgb.png").read_bytes())}).json()[0]
+            image = {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+            def call(names: str):
+                return http.post(f"{base}/call/segment", json={"data": [image, names, "", None]})
+
+            first = call("sky, grass")
+            assert entered.wait(30)  # the first request is computing
+            second = call("cow, zebra")  # waits
+            third = call("sky")  # one too many
+            assert first.status_code == second.status_code == 200
+            assert third.status_code == 503 and "Queue is full" in third.text
+            gate.set()
+            for reply, names in ((first, ["sky", "grass"]), (second, ["cow", "zebra"])):
+                stream = http.get(f"{base}/call/segment/{reply.json()['event_id']}").text
+                data = json.loads(stream.split("event: complete\ndata: ")[1].splitlines()[0])
+                with Image.open(io.BytesIO(http.get(data[3]["url"]).content)) as im:
+                    assert json.loads(im.info["classes"]) == names
+    finally:
+        gate.set()
+        demo.close()
 
 
 def test_unexpected_errors_are_one_line(handlers, files, monkeypatch):
