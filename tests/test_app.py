@@ -319,7 +319,8 @@ def test_every_bad_input_gives_a_clear_message(handlers, files, monkeypatch):
 
 def test_legend_escapes_names(service, files):
     image, _ = svc.load_image(files / "rgb.png")
-    legend = svc.legend_html(service.segment(image, "<img src=x onerror=alert(1)>"))  # the only class: present
+    seg = service.segment(image, "<img src=x onerror=alert(1)>")  # the only class: present
+    legend = svc.legend_html(seg.names, seg.colors, seg.shares)
     assert "<img" not in legend and "&lt;img src=x onerror=alert(1)&gt; 100%" in legend
 
 

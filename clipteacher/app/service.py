@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipteacher.prompts import MAX_TEMPLATE_CHARS, MAX_TEMPLATES, TemplateError, check_templates, outside_vocabulary
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
-from clipteacher.io import DatasetError, make_upright, orientation, read_label_file, to_rgb, upright_size
+from clipteacher.io import DatasetError, make_upright, orientation, read_label_file, resize_short, to_rgb, upright_size
 
 MAX_SIDE = 1024  # longer image side the app works at (the student sees a short side of eval_size anyway)
 MAX_PIXELS = 80_000_000  # larger uploads are refused before decoding (8000 x 8000 passes)
@@ -41,6 +41,9 @@ MAX_CLASSES = 255  # mask PNGs are 8-bit palette images
 MAX_NAME_CHARS = 100
 MAX_WINDOWS = 4
 CACHE_IMAGES = 8  # images whose model outputs are kept
+OVERLAY_OPACITY = 0.6  # of the class colours over the image
+MAX_VIDEO_SECONDS = 30  # longer videos are cut (with a note)
+MAX_VIDEO_SIDE = 4096
 
 
 class UserError(ValueError):
@@ -59,6 +62,17 @@ class Segmentation:
     gamma: float  # the unseen bias applied
     unseen: list[str]  # the names outside the training vocabulary (they got +gamma)
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    names: list[str]
+    colors: np.ndarray  # C x 3 uint8, shared by both pictures
+    teacher: np.ndarray  # H x W int64: the teacher's training-free labels
+    student: Segmentation
+    teacher_seconds: float  # the teacher's image pass (when it ran)
+    student_seconds: float  # the student's image pass (when it ran)
+    cached: bool  # the teacher's pass came from the cache
 
 
 @dataclass
@@ -272,27 +286,31 @@ class Service:
 
     # --------------------------------------------------------------- cached image passes
 
-    def _cached(self, kind: str, image: np.ndarray, run) -> tuple[object, bool]:
+    def _cached(self, kind: str, image: np.ndarray, run) -> tuple[object, bool, float]:
+        """-> (run(image), whether it came from the cache, the seconds the pass took when it ran)."""
         key = (kind, image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest())
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key], True
+                value, seconds = self._cache[key]
+                return value, True, seconds
+        start = time.perf_counter()
         value = run(image)
+        seconds = time.perf_counter() - start
         with self._lock:
             self.passes[kind] += 1
-            self._cache[key] = value
+            self._cache[key] = (value, seconds)
             while len(self._cache) > 2 * self.cache_images:  # two graphs per image
                 self._cache.popitem(last=False)
-        return value, False
+        return value, False, seconds
 
     def features(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
         """-> (student features 1 x D x h x w, whether they came from the cache)."""
-        return self._cached("student", image, self.bundle.image_features)
+        return self._cached("student", image, self.bundle.image_features)[:2]
 
     def teacher_tokens(self, image: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
         """-> ((cls D, dense D x h' x w'), whether they came from the cache)."""
-        return self._cached("teacher", image, self.bundle.teacher_tokens)
+        return self._cached("teacher", image, self.bundle.teacher_tokens)[:2]
 
     def _text(self, names: list[str], templates: tuple[str, ...] | None) -> np.ndarray:
         try:
@@ -303,21 +321,86 @@ class Service:
     # --------------------------------------------------------------- the three tabs
 
     def segment(self, image: np.ndarray, names_text: str, templates_text: str | None = None,
-                gamma: float | None = None) -> Segmentation:
+                gamma: float | None = None, cache: bool = True) -> Segmentation:
+        """cache=False for video frames: every frame differs, and keeping them would push out the uploads."""
         start = time.perf_counter()
         names, notes = parse_names(names_text)
         templates = parse_templates(templates_text)
         gamma = parse_gamma(gamma)
         gamma = self.bundle.gamma if gamma is None else gamma
-        features, cached = self.features(image)
+        features, cached = self.features(image) if cache else (self.bundle.image_features(image), False)
         text = self._text(names, templates)
         unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         labels, logits = self.bundle.classify(features, text, self.bundle.unseen_bias(names, gamma), image.shape[:2])
-        counts = np.bincount(labels.ravel(), minlength=len(names))
-        order = np.argsort(-counts, kind="stable")
-        shares = {names[i]: float(counts[i]) / labels.size for i in order if counts[i] > 0}
-        return Segmentation(names, labels, logits, shares, pseudo_vis.region_palette(len(names)),
+        return Segmentation(names, labels, logits, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
                             time.perf_counter() - start, cached, gamma, unseen, notes)
+
+    def compare(self, image: np.ndarray, names_text: str, templates_text: str | None = None,
+                gamma: float | None = None) -> Comparison:
+        """The student's segmentation and the teacher's own training-free one (its dense tokens against the
+        same names, no unseen bias: the benchmarks' teacher row), with each image pass's time."""
+        student = self.segment(image, names_text, templates_text, gamma)
+        _, _, student_pass = self._cached("student", image, self.bundle.image_features)
+        (_, dense), cached, teacher_pass = self._cached("teacher", image, self.bundle.teacher_tokens)
+        labels, _ = self.bundle.classify(dense[None], self._text(student.names, parse_templates(templates_text)),
+                                         None, image.shape[:2])
+        return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached)
+
+    def live_frame(self, frame: np.ndarray, names_text: str, templates_text: str | None = None,
+                   gamma: float | None = None) -> tuple[np.ndarray, Segmentation]:
+        """A camera or video frame (H x W x 3 uint8) -> (overlay at the student's input size, segmentation).
+
+        The frame is first shrunk to the student's input size (short side eval_size): the student sees
+        that size anyway, and a smaller overlay is cheaper to draw and send."""
+        size = self.bundle.eval_size
+        small = resize_short(frame, size) if min(frame.shape[:2]) > size else frame
+        seg = self.segment(small, names_text, templates_text, gamma, cache=False)
+        return pseudo_vis.overlay(small, seg.labels, OVERLAY_OPACITY, seg.colors), seg
+
+    def segment_video(self, path, names_text: str, out: Path, templates_text: str | None = None,
+                      gamma: float | None = None, progress=None) -> tuple[Path, int, list[str]]:
+        """Video file -> WebM (VP8) of overlays at the student's input size, at the source's frame rate.
+        Returns (out, frames written, notes). `progress(done, total)` is called per frame."""
+        parse_names(names_text)  # bad names, templates or gamma fail before any decoding
+        parse_templates(templates_text)
+        parse_gamma(gamma)
+        if path is None or str(path) == "":
+            raise UserError("Upload a video first.")
+        reader = cv2.VideoCapture(str(path))
+        try:
+            if not reader.isOpened():
+                raise UserError(f"{Path(str(path)).name} is not a video that can be read; upload an MP4 or WebM file.")
+            w, h = int(reader.get(cv2.CAP_PROP_FRAME_WIDTH)), int(reader.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if max(w, h) > MAX_VIDEO_SIDE or min(w, h) < MIN_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+                raise UserError(f"The video is {w} x {h} pixels; up to {MAX_VIDEO_SIDE} pixels a side, at least "
+                                f"{MIN_SIDE}, and sides at most {MAX_ASPECT:g}:1 apart are supported.")
+            fps = reader.get(cv2.CAP_PROP_FPS)
+            fps = float(fps) if np.isfinite(fps) and 1 <= fps <= 120 else 25.0
+            limit = int(MAX_VIDEO_SECONDS * fps)
+            total = int(reader.get(cv2.CAP_PROP_FRAME_COUNT))
+            total = min(total, limit) if total > 0 else limit
+            notes, writer, done = [], None, 0
+            while True:
+                ok, frame = reader.read()
+                if not ok:
+                    break
+                if done == limit:
+                    notes.append(f"Only the first {MAX_VIDEO_SECONDS} s of the video were segmented.")
+                    break
+                overlay, _ = self.live_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), names_text, templates_text, gamma)
+                if writer is None:
+                    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"VP80"), fps,
+                                             (overlay.shape[1], overlay.shape[0]))
+                writer.write(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+                done += 1
+                if progress is not None:
+                    progress(done, max(total, done))
+            if writer is None:
+                raise UserError(f"{Path(str(path)).name} has no frames that can be decoded.")
+            writer.release()
+        finally:
+            reader.release()
+        return out, done, notes
 
     def attention(self, image: np.ndarray, names_text: str | None = None,
                   templates_text: str | None = None) -> Attention:
@@ -396,15 +479,21 @@ def hex_color(rgb) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def legend_html(seg: Segmentation) -> str:
+def legend_html(names: list[str], colors: np.ndarray, shares: dict[str, float]) -> str:
     """The overlay's colour key: a swatch, the (escaped) name and its share for each present class."""
-    colors = dict(zip(seg.names, seg.colors))
+    by_name = dict(zip(names, colors))
     entries = []
-    for name, share in seg.shares.items():
-        swatch = f'<span class="swatch" style="background:{hex_color(colors[name])}"></span>'
+    for name, share in shares.items():
+        swatch = f'<span class="swatch" style="background:{hex_color(by_name[name])}"></span>'
         entries.append(f'<span class="legend-entry">{swatch}{html.escape(name)} '
                        f'{f"{share:.0%}" if share >= 0.005 else "&lt;1%"}</span>')
     return "".join(entries)
+
+
+def shares_of(labels: np.ndarray, names: list[str]) -> dict[str, float]:
+    """H x W indices into names -> share of pixels per present name, largest first."""
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    return {names[i]: float(counts[i]) / labels.size for i in np.argsort(-counts, kind="stable") if counts[i] > 0}
 
 
 def heat_overlay(image: np.ndarray, values: np.ndarray, vmin: float | None = None, vmax: float | None = None,

@@ -35,7 +35,9 @@ EXAMPLE_NAMES = {
 }
 MAX_SIMILARITY_MAPS = 24  # per-class maps shown in the attention tab
 THUMB = 512  # longer side of gallery pictures
-MASK_OPACITY = 0.6
+LIVE_EVERY = 0.05  # seconds between camera frames sent to the server (at most 20 per second)
+LIVE_SECONDS = 600  # a camera stream is closed after this long
+LIVE_WINDOW = 20  # frames over which the live tab's frames per second are averaged
 KEEP_MASKS = 32  # result folders kept on disk (Gradio copies each file into its own cache)
 FOLDER_PREFIX = "clipteacher_masks_"  # + pid: folders of dead processes are removed at the next start
 log = logging.getLogger("clipteacher.app")
@@ -176,7 +178,7 @@ class Handlers:
         seg = self.service.segment(picture, names, templates, gamma)
         warn(seg.notes)
         folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
-        overlay = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, MASK_OPACITY, seg.colors),
+        overlay = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, svc.OVERLAY_OPACITY, seg.colors),
                                 folder / f"{stem}_overlay.jpg")
         mask = svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png")
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
@@ -185,7 +187,48 @@ class Handlers:
         if seg.unseen:
             status += f"  \nOutside the training vocabulary (+γ = {seg.gamma:g}): {', '.join(seg.unseen[:20])}"
             status += " ..." if len(seg.unseen) > 20 else ""
-        return str(overlay), svc.legend_html(seg), seg.shares, str(mask), status
+        return str(overlay), svc.legend_html(seg.names, seg.colors, seg.shares), seg.shares, str(mask), status
+
+    def compare(self, image, names, templates, gamma):
+        """The teacher alone (training-free) and the student on the same image and names.
+        Returns (teacher overlay JPEG, student overlay JPEG, legend HTML, status text)."""
+        picture = self._image(image)
+        cmp = self.service.compare(picture, names, templates, gamma)
+        warn(cmp.student.notes)
+        folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
+        pictures = [str(svc.save_jpeg(pseudo_vis.overlay(picture, labels, svc.OVERLAY_OPACITY, cmp.colors),
+                                      folder / f"{stem}_{who}.jpg"))
+                    for who, labels in (("teacher", cmp.teacher), ("student", cmp.student.labels))]
+        shares = {**svc.shares_of(cmp.teacher, cmp.names), **cmp.student.shares}
+        agree = float((cmp.teacher == cmp.student.labels).mean())
+        speed = cmp.teacher_seconds / max(cmp.student_seconds, 1e-9)
+        status = (f"Image pass: teacher **{1000 * cmp.teacher_seconds:.0f} ms**, student "
+                  f"**{1000 * cmp.student_seconds:.0f} ms** ({speed:.1f}x){' (both cached)' if cmp.cached else ''} · "
+                  f"the two agree on {agree:.0%} of the pixels · teacher: {self.service.bundle.teacher_kind}, "
+                  f"no unseen bias; student: γ = {cmp.student.gamma:g} on names outside its training vocabulary")
+        return pictures[0], pictures[1], svc.legend_html(cmp.names, cmp.colors, shares), status
+
+    def live(self, frame, names, templates, gamma, times):
+        """One camera frame -> (overlay at the student's input size, status with frames per second, frame times)."""
+        if frame is None:
+            return None, "Start the camera.", times
+        start = time.perf_counter()
+        overlay, seg = self.service.live_frame(frame, names, templates, gamma)
+        times = (list(times or []) + [time.time()])[-LIVE_WINDOW:]
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        status = (f"**{fps:.1f} frames/s** here · model + overlay {1000 * (time.perf_counter() - start):.0f} ms "
+                  f"per frame at {overlay.shape[1]} x {overlay.shape[0]} · {', '.join(list(seg.shares)[:4])}")
+        return overlay, status, times
+
+    def video(self, path, names, templates, gamma, progress=gr.Progress()):
+        """A video file -> (segmented WebM, status). Progress is shown per frame."""
+        start = time.perf_counter()
+        out = self._request_folder() / f"{Path(str(path or 'video')).stem[:60] or 'video'}_segmented.webm"
+        out, frames, notes = self.service.segment_video(
+            path, names, out, templates, gamma, progress=lambda done, total: progress(done / total, desc="frames"))
+        warn(notes)
+        seconds = time.perf_counter() - start
+        return str(out), f"**{seconds:.1f} s** · {frames} frames ({frames / max(seconds, 1e-9):.1f} frames/s)"
 
     def attention(self, image, names, templates):
         """GLM attention (docs/METHOD.md#global-learning-module) of the teacher's CLS token over the student's features,
@@ -287,6 +330,35 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
                             with gr.Column(scale=1):
                                 mask = gr.File(label="Mask PNG (pixel = class index)")
                                 seg_status = gr.Markdown(elem_classes="status", label="status")
+                    with gr.Tab("Compare", id="compare"):
+                        gr.Markdown("The same image and names segmented by the **teacher alone** (its dense tokens "
+                                    "against the names, with no training on masks: what the student learned "
+                                    "from) and by the **student**, with each image pass's time.")
+                        run_cmp = gr.Button("Compare teacher and student", variant="primary")
+                        with gr.Row():
+                            cmp_teacher = gr.Image(label="Teacher alone", type="filepath", interactive=False,
+                                                   elem_id="compare_teacher")
+                            cmp_student = gr.Image(label="Student", type="filepath", interactive=False,
+                                                   elem_id="compare_student")
+                        cmp_legend = gr.HTML(elem_id="compare_legend")
+                        cmp_status = gr.Markdown(elem_classes="status", label="status")
+                    with gr.Tab("Live", id="live"):
+                        gr.Markdown(f"Your camera, segmented frame by frame at the student's input size "
+                                    f"({b.eval_size} px short side), with the names and γ on the left. "
+                                    f"Or a video file (up to {svc.MAX_VIDEO_SECONDS} s).")
+                        with gr.Row():
+                            camera = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Camera",
+                                              elem_id="camera")
+                            live_out = gr.Image(label="Live segmentation", format="jpeg", interactive=False,
+                                                elem_id="live")
+                        live_status = gr.Markdown(elem_classes="status", label="status")
+                        live_times = gr.State([])
+                        with gr.Accordion("Video file", open=False):
+                            with gr.Row():
+                                video_in = gr.Video(sources=["upload"], label="Video (MP4 or WebM)")
+                                video_out = gr.Video(label="Segmented video", interactive=False)
+                            run_video = gr.Button("Segment video", variant="primary")
+                            video_status = gr.Markdown(elem_classes="status", label="status")
                     with gr.Tab("GLM attention", id="attention"):
                         gr.Markdown("Where the teacher's CLS token attends over the student's features "
                                     "(softmax of ⟨CLS, feature⟩ over locations, the GLM's pooling weights), "
@@ -321,6 +393,12 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
         model = dict(concurrency_id="model", concurrency_limit=serving.concurrency)
         run_seg.click(guarded(h.segment), [image, names, templates, gamma], [overlay, legend, shares, mask, seg_status],
                       api_name="segment", **model)
+        run_cmp.click(guarded(h.compare), [image, names, templates, gamma],
+                      [cmp_teacher, cmp_student, cmp_legend, cmp_status], api_name="compare", **model)
+        camera.stream(guarded(h.live), [camera, names, templates, gamma, live_times], [live_out, live_status, live_times],
+                      stream_every=LIVE_EVERY, time_limit=LIVE_SECONDS, api_name="live", **model)
+        run_video.click(guarded(h.video), [video_in, names, templates, gamma], [video_out, video_status],
+                        api_name="video", **model)
         run_att.click(guarded(h.attention), [image, names, templates], [heat, sims, att_status], api_name="attention",
                       **model)
         run_plm.click(guarded(h.pseudo_labels), [image, label, windows, threshold, fusion],
