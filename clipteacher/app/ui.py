@@ -269,6 +269,9 @@ def build_demo(service: svc.Service) -> gr.Blocks:
                         regions = gr.Label(label="Region sizes (share of the token grid)", num_top_classes=8,
                                            show_heading=False)
                         plm_status = gr.Markdown(elem_classes="status", label="status")
+        # footer: the provider actually in use, and why a visible GPU is not (clipteacher.runtime.providers)
+        gr.Markdown(f"onnxruntime provider: `{b.provider.replace('ExecutionProvider', '')}`"
+                    + (f" · GPU not used: {b.fallback_reason}" if b.fallback_reason else ""), elem_id="footer")
 
         run_seg.click(guarded(h.segment), [image, names, templates, gamma], [overlay, shares, mask, seg_status],
                       api_name="segment")
