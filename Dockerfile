@@ -1,20 +1,32 @@
 # syntax=docker/dockerfile:1
-# The CLIPTeacher Gradio app for a GPU host: onnxruntime-gpu and Gradio, no torch in the final image.
+# The CLIPTeacher Gradio app: onnxruntime-gpu and Gradio, no torch in the final image.
 #
 #   docker build -t clipteacher-app .
-#   docker run --gpus all -p 7860:7860 clipteacher-app     # CUDA provider
-#   docker run -p 7860:7860 clipteacher-app                # no GPU: onnxruntime falls back to the CPU provider
+#   docker run --gpus all -p 7860:7860 clipteacher-app     # CUDA provider (host NVIDIA driver >= 580, for CUDA 13)
+#   docker run -p 7860:7860 clipteacher-app                # no GPU: the CPU provider
+# CLIPTEACHER_DEVICE=auto (default) falls back to the CPU with a warning naming the library that did not load;
+# -e CLIPTEACHER_DEVICE=cuda makes the container exit (code 2, that reason) instead; cpu never tries CUDA.
 #
 # The bundle is built into the image: stage "bundle" exports assets/msrc21_default.pt with
 # clipteacher-export (the export needs torch; that stage is thrown away). To serve another bundle,
 # mount it and point CLIPTEACHER_BUNDLE at it:
 #   docker run --gpus all -p 7860:7860 -v "$PWD/bundles/mine:/bundle:ro" -e CLIPTEACHER_BUNDLE=/bundle clipteacher-app
-
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+#
+# Base images are build arguments (docker/smoke.sh passes local stand-ins for both):
+#   PY_IMAGE        the export stage: Python 3.10+ with pip on PATH.
+#   APP_BASE_IMAGE  the app: a glibc Linux with python3 (3.10+) and its venv module. A plain Python image, not
+#                   nvidia/cuda: the CUDA 13 and cuDNN 9 libraries come as nvidia-* pip wheels with onnxruntime-gpu,
+#                   in the major versions this onnxruntime build links, and onnxruntime.preload_dlls() loads them
+#                   from the venv. Only the driver's libcuda.so.1 comes from the host (mounted by --gpus). A CUDA
+#                   base image would add a second copy of those libraries, of whatever CUDA major its tag has
+#                   (a CUDA 12 base under a CUDA 13 onnxruntime is why this image used to serve on the CPU).
+ARG PY_IMAGE=python:3.11-slim
+ARG APP_BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------- stage 1: checkpoint -> ONNX bundle
-FROM python:3.11-slim AS bundle
-# Pass a CPU-only PyTorch wheel index here to download a much smaller torch for this throw-away stage.
+FROM ${PY_IMAGE} AS bundle
+# A CPU-only PyTorch index gives this throw-away stage a much smaller torch, e.g.
+#   --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -27,15 +39,18 @@ COPY assets/msrc21_default.pt ./assets/msrc21_default.pt
 RUN clipteacher-export --checkpoint assets/msrc21_default.pt --out /bundle
 
 # ---------------------------------------------------------------- stage 2: the app
-FROM ${CUDA_IMAGE}
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/*
+FROM ${APP_BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# What the app imports (tests/test_dockerfile.py checks this list against the app's imports).
-RUN pip install "onnxruntime-gpu>=1.18" "gradio>=5.0" "numpy>=1.24" "opencv-python-headless>=4.8" "pillow>=10.0" \
+# What the app imports (tests/test_dockerfile.py checks this list against the app's imports). onnxruntime-gpu is
+# pinned (requirements.txt has the same version); its [cuda,cudnn] extras bring cudart, NVRTC, cuFFT, cuRAND and
+# cuDNN for CUDA 13. cuBLAS and nvJitLink, which its CUDA provider and cuFFT also link, arrive only through
+# unversioned requirements of nvidia-cudnn-cu13 and nvidia-cufft, so they are held to CUDA 13 here.
+# clipteacher/runtime/cuda_libs.py checks that every library resolves (tests/test_dockerfile.py on this
+# requirement set, docker/smoke.sh inside the built image).
+RUN pip install "onnxruntime-gpu[cuda,cudnn]==1.31.1" "nvidia-cublas~=13.0" "nvidia-nvjitlink~=13.0" \
+    "gradio>=5.0" "numpy>=1.24" "opencv-python-headless>=4.8" "pillow>=10.0" \
     "scipy>=1.10" "threadpoolctl>=3.0" "tokenizers>=0.15" "ftfy>=6.0" "regex>=2023.0"
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
@@ -54,6 +69,7 @@ ENV PYTHONPATH=/app \
     CLIPTEACHER_BUNDLE=/app/bundles/msrc21 \
     HOST=0.0.0.0 \
     PORT=7860 \
+    CLIPTEACHER_DEVICE=auto \
     GRADIO_ANALYTICS_ENABLED=False
 USER app
 EXPOSE 7860

@@ -1,9 +1,10 @@
-"""The Dockerfile (no docker engine here, so it is read, not built): CUDA runtime base, onnxruntime-gpu
-and every package the app imports, no torch in the final image, the bundle inside, non-root user,
-EXPOSE 7860, HEALTHCHECK, bundle path and port from the environment."""
+"""The Dockerfile, read (docker/smoke.sh builds and runs it): base images as build arguments, onnxruntime-gpu
+pinned with CUDA libraries that all resolve, every package the app imports, no torch in the final image, the
+bundle inside, non-root user, EXPOSE 7860, HEALTHCHECK, bundle path and port from the environment."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from clipteacher.runtime import cuda_libs
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> pip distribution, for the app's third-party imports
@@ -70,26 +73,35 @@ def final(stages) -> list[tuple[str, str]]:
     return stages[-1][1]
 
 
-def pip_packages(steps) -> set[str]:
-    """Distribution names installed by `pip install` in these steps."""
-    names = set()
+def pip_install_arguments(steps) -> list[str]:
+    """The arguments of every `pip install` in these steps' RUN commands."""
+    out = []
     for word, rest in steps:
         if word != "RUN":
             continue
         for command in re.split(r"&&|;", rest):
             tokens = shlex.split(command)
             if len(tokens) >= 2 and tokens[0] in ("pip", "pip3") and tokens[1] == "install":
-                for token in tokens[2:]:
-                    if not token.startswith("-"):
-                        names.add(re.split(r"[<>=!~\[ ]", token)[0].lower())
-                    elif token in ("-r", "--requirement"):
-                        names.add("-r")
-    return names
+                out += tokens[2:]
+    return out
 
 
-def test_base_image_is_cuda_runtime(stages):
-    image = stages[-1][0].split()[0]
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn(\d*)-runtime-ubuntu\d+\.\d+", image), image
+def pip_packages(steps) -> set[str]:
+    """Distribution names installed by `pip install` in these steps ("-r" for a requirements file)."""
+    return {"-r" if token in ("-r", "--requirement") else re.split(r"[<>=!~\[ ]", token)[0].lower()
+            for token in pip_install_arguments(steps) if not token.startswith("-") or token in ("-r", "--requirement")}
+
+
+def test_base_images_are_build_arguments_with_public_defaults():
+    """Every stage's base is an ARG (docker/smoke.sh substitutes local images); the defaults are public Python
+    images, and the app's is not a CUDA image: its CUDA libraries come from the pinned wheels."""
+    steps = instructions((ROOT / "Dockerfile").read_text())
+    first_from = next(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    defaults = dict(rest.partition("=")[::2] for word, rest in steps[:first_from] if word == "ARG")
+    bases = [rest.split()[0] for word, rest in steps if word == "FROM"]
+    assert bases == ["${PY_IMAGE}", "${APP_BASE_IMAGE}"]
+    assert re.fullmatch(r"python:3\.1[0-9]-slim", defaults["PY_IMAGE"]), defaults
+    assert re.fullmatch(r"python:3\.1[0-9]-slim", defaults["APP_BASE_IMAGE"]), defaults
 
 
 def test_final_image_has_onnxruntime_gpu_and_no_torch(stages):
@@ -98,6 +110,77 @@ def test_final_image_has_onnxruntime_gpu_and_no_torch(stages):
     assert not {"torch", "torchvision", "open-clip-torch", "timm", "onnxruntime", "-r"} & packages
     for word, rest in final(stages):
         assert not (word == "RUN" and "torch" in rest), rest
+
+
+def installed_closure(requirements: list[str]) -> tuple[dict, set[str]]:
+    """What `pip install <requirements>` puts in the image, taken from this environment's installed distributions
+    (extras and markers evaluated): ({name: Distribution}, names some requirement constrains by version).
+    Skips when a distribution is not installed here or its version does not satisfy a requirement."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = [(Requirement(r), "the Dockerfile") for r in requirements]
+    found, extras_done, versioned = {}, set(), set()
+    while todo:
+        req, by = todo.pop()
+        name = canonicalize_name(req.name)
+        versioned |= {name} if req.specifier else set()
+        try:
+            dist = found.get(name) or importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{name} (required by {by}) is not installed here, so the image's set cannot be assembled")
+        if not req.specifier.contains(dist.version, prereleases=True):
+            pytest.skip(f"installed {name} {dist.version} does not satisfy {req} (required by {by})")
+        found[name] = dist
+        for extra in {""} | set(req.extras):
+            if (name, extra) in extras_done:
+                continue
+            extras_done.add((name, extra))
+            for text in dist.requires or []:
+                sub = Requirement(text)
+                if sub.marker is None or sub.marker.evaluate({"extra": extra}):
+                    todo.append((sub, f"{name}[{extra}]" if extra else name))
+    return found, versioned
+
+
+def assemble_site_packages(dists: dict, root: Path) -> Path:
+    """A site-packages folder of these distributions' onnxruntime and nvidia files (symlinks) and their
+    dist-info folder names: what the CUDA provider check looks at."""
+    for dist in dists.values():
+        (root / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}.dist-info").mkdir(parents=True, exist_ok=True)
+        for file in dist.files or []:
+            if file.parts[0] in ("onnxruntime", "nvidia"):
+                target = root / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)  # a later distribution overwrites, as pip does
+                target.symlink_to(file.locate())
+    return root
+
+
+def test_onnxruntime_gpu_is_pinned_with_its_cuda_extras_as_in_requirements(stages):
+    pins = [t for t in pip_install_arguments(final(stages)) if t.startswith("onnxruntime-gpu")]
+    assert len(pins) == 1 and re.fullmatch(r"onnxruntime-gpu\[cuda,cudnn\]==[\d.]+", pins[0]), pins
+    version = pins[0].split("==")[1]
+    assert f"onnxruntime-gpu=={version}" in (ROOT / "requirements.txt").read_text().split()
+
+
+def test_every_cuda_provider_library_resolves_in_the_final_stage(stages, tmp_path):
+    """The final stage's pip requirements, assembled from this environment's installed wheels, give the CUDA
+    provider every library it links or dlopens; only the driver's libcuda.so.1 may be missing. Checked
+    --isolated: the wheels and the loader's default folders only, whatever CUDA this machine has elsewhere."""
+    dists, _ = installed_closure([t for t in pip_install_arguments(final(stages)) if not t.startswith("-")])
+    report = cuda_libs.check(str(assemble_site_packages(dists, tmp_path / "site-packages")), isolated=True)
+    assert report.error is None, report.error
+    assert report.ok, report.summary()
+    assert "libcudnn.so.9" in report.resolved and "libcublasLt.so.13" in report.resolved
+
+
+def test_cuda_libraries_are_held_to_one_cuda_major(stages):
+    """Each nvidia-* wheel in the final stage is constrained by some versioned requirement; a bare `nvidia-cublas`
+    could resolve to a later CUDA major whose libcublas.so.N the provider does not link."""
+    dists, versioned = installed_closure([t for t in pip_install_arguments(final(stages)) if not t.startswith("-")])
+    loose = sorted(name for name in dists if name.startswith("nvidia-") and name not in versioned)
+    assert not loose, f"pin these to the provider's CUDA major in the Dockerfile: {loose}"
 
 
 def app_source_files() -> list[Path]:

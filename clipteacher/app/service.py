@@ -441,7 +441,8 @@ class Service:
 
     def info(self) -> dict:
         b = self.bundle
-        return {"bundle": b.folder.name, "provider": b.provider, "precision": b.precision,
+        return {"bundle": b.folder.name, "provider": b.provider, "fallback_reason": b.fallback_reason,
+                "precision": b.precision,
                 "vocabulary": list(b.vocabulary), "gamma": b.gamma, "templates": list(b.templates),
                 "eval_size": b.eval_size, "teacher": b.teacher_kind,
                 "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name}

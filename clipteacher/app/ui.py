@@ -388,6 +388,9 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
                         regions = gr.Label(label="Region sizes (share of the token grid)", num_top_classes=8,
                                            show_heading=False)
                         plm_status = gr.Markdown(elem_classes="status", label="status")
+        # footer: the provider actually in use, and why a visible GPU is not (clipteacher.runtime.providers)
+        gr.Markdown(f"onnxruntime provider: `{b.provider.replace('ExecutionProvider', '')}`"
+                    + (f" · GPU not used: {b.fallback_reason}" if b.fallback_reason else ""), elem_id="footer")
 
         # one limit shared by the model endpoints, so concurrent requests never oversubscribe the cores
         model = dict(concurrency_id="model", concurrency_limit=serving.concurrency)

@@ -6,7 +6,9 @@
 Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/msrc21; if that folder does not exist
 it is built once from assets/msrc21_default.pt by `clipteacher-export` in a subprocess (the export
 needs torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
-CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB.
+CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB,
+CLIPTEACHER_DEVICE=auto|cuda|cpu (cuda: exit 2 with the reason instead of falling back to the CPU; see
+clipteacher/runtime/providers.py).
 
 Serving: up to --concurrency model requests run at once (default: the cores, at most 4), each
 onnxruntime session using --threads intra-op threads (default: cores / concurrency, so concurrent
@@ -103,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from clipteacher.runtime import Bundle
+    from clipteacher.runtime.providers import DeviceError
 
     try:
         bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, verbose=False, threads=threads,
                         spin=concurrency == 1)  # spinning threads would steal the cores of concurrent requests
-    except (StartupError, FileNotFoundError, ValueError) as err:
+    except (StartupError, FileNotFoundError, ValueError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from clipteacher.io import resize_short, sha256_file
 from clipteacher.prompts import check_templates, fill, outside_vocabulary
+from clipteacher.runtime.providers import open_session
 
 BUNDLE_FORMAT = "clipteacher-bundle-v1"
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
@@ -113,17 +114,13 @@ class Bundle:
     # ------------------------------------------------------------------ sessions
 
     def _choose_provider(self, student_file: str, providers: list[str] | None) -> tuple[str, list[str]]:
-        """Create the student session with CUDA first when listed; onnxruntime falls back to CPU when
-        CUDA cannot load (its failure messages are silenced for this probe)."""
-        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                               if p in ort.get_available_providers()]
-        ort.set_default_logger_severity(4)
-        try:
-            sess = ort.InferenceSession(str(self.folder / student_file), self._options, providers=wanted)
-        finally:
-            ort.set_default_logger_severity(2)
-        self._student = sess
-        chosen = sess.get_providers()[0]
+        """Create the student session on the provider CLIPTEACHER_DEVICE asks for (clipteacher.runtime.providers:
+        CUDA when a GPU is visible and its provider works, else CPU; self.fallback_reason says why a visible GPU
+        is not used). Raises providers.DeviceError for CLIPTEACHER_DEVICE=cuda without a working CUDA provider."""
+        def create(wanted: list[str]) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.folder / student_file), self._options, providers=wanted)
+
+        self._student, chosen, self.fallback_reason = open_session(create, providers)
         return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
     def _session(self, key: str) -> ort.InferenceSession:
