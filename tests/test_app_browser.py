@@ -19,7 +19,8 @@ from helpers import ROOT, free_port, start_app, tiny_bundle
 CHROMIUM = "/usr/bin/chromium"
 EXAMPLES = ROOT / "assets" / "examples"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+        "--disable-component-update", "--disable-sync", "--no-first-run",
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a synthetic camera
 NAMES = "building, grass, tree, cow, sky"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -42,7 +43,7 @@ def server(tmp_path_factory):
 def page(server):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        page = browser.new_context(viewport={"width": 1360, "height": 900}, permissions=["camera"]).new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server[0])
@@ -132,3 +133,28 @@ def test_wrong_size_label_keeps_serving(page, tmp_path):
     page.get_by_role("tab", name="Segment").click()
     page.get_by_role("button", name="Segment", exact=True).click()  # the app keeps serving
     page.get_by_text("image pass cached").wait_for(timeout=30_000)
+
+
+def test_compare_tab(page, shots):
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Compare teacher and student").click()
+    page.get_by_text("agree on").wait_for(timeout=60_000)
+    for side in ("teacher", "student"):
+        picture = page.locator(f"#compare_{side} img").first
+        assert picture.is_visible() and picture.get_attribute("src").endswith(f"_{side}.jpg")
+    assert page.locator("#compare_legend .legend-entry").count() >= 1
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+
+def test_live_tab_with_a_camera(page, shots, server):
+    page.get_by_role("tab", name="Live").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.locator("#camera button[aria-label='capture photo']").click()  # start streaming
+    page.get_by_text("frames/s here").first.wait_for(timeout=60_000)
+    assert page.locator("#live img").first.is_visible()
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(shots / "live.png"), full_page=True)
+    page.locator("#camera button[aria-label='capture photo']").click()  # stop
+    assert page.errors == []
+    assert "Traceback" not in server[1].read_text()

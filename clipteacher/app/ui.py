@@ -46,8 +46,8 @@ CSS = """
 #title h1 {margin-bottom: 0.2em}
 .status {min-height: 2em}
 .gallery-item {background: #181818}
-#legend .legend-entry {display: inline-flex; align-items: center; margin: 0 0.9em 0.3em 0; font-size: 0.95em}
-#legend .swatch {width: 0.95em; height: 0.95em; border-radius: 2px; margin-right: 0.35em; display: inline-block}
+.legend-entry {display: inline-flex; align-items: center; margin: 0 0.9em 0.3em 0; font-size: 0.95em}
+.swatch {width: 0.95em; height: 0.95em; border-radius: 2px; margin-right: 0.35em; display: inline-block}
 """
 
 
@@ -203,7 +203,7 @@ class Handlers:
         agree = float((cmp.teacher == cmp.student.labels).mean())
         speed = cmp.teacher_seconds / max(cmp.student_seconds, 1e-9)
         status = (f"Image pass: teacher **{1000 * cmp.teacher_seconds:.0f} ms**, student "
-                  f"**{1000 * cmp.student_seconds:.0f} ms** ({speed:.1f}x){' (both cached)' if cmp.cached else ''} · "
+                  f"**{1000 * cmp.student_seconds:.0f} ms** ({speed:.1f}x){' (from the cache: times of when they ran)' if cmp.cached else ''} · "
                   f"the two agree on {agree:.0%} of the pixels · teacher: {self.service.bundle.teacher_kind}, "
                   f"no unseen bias; student: γ = {cmp.student.gamma:g} on names outside its training vocabulary")
         return pictures[0], pictures[1], svc.legend_html(cmp.names, cmp.colors, shares), status
@@ -398,8 +398,11 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
                       api_name="segment", **model)
         run_cmp.click(guarded(h.compare), [image, names, templates, gamma],
                       [cmp_teacher, cmp_student, cmp_legend, cmp_status], api_name="compare", **model)
+        # an open camera stream holds its slot until it stops: streams get their own limit, so a few open
+        # cameras never block the other tabs' requests
         camera.stream(guarded(h.live), [camera, names, templates, gamma, live_times], [live_out, live_status, live_times],
-                      stream_every=LIVE_EVERY, time_limit=LIVE_SECONDS, api_name="live", **model)
+                      stream_every=LIVE_EVERY, time_limit=LIVE_SECONDS, api_name="live", concurrency_id="live",
+                      concurrency_limit=serving.concurrency)
         run_video.click(guarded(h.video), [video_in, names, templates, gamma], [video_out, video_status],
                         api_name="video", **model)
         run_att.click(guarded(h.attention), [image, names, templates], [heat, sims, att_status], api_name="attention",
