@@ -141,7 +141,8 @@ def test_compare_tab(page, shots):
     page.get_by_text("agree on").wait_for(timeout=60_000)
     for side in ("teacher", "student"):
         picture = page.locator(f"#compare_{side} img").first
-        assert picture.is_visible() and picture.get_attribute("src").endswith(f"_{side}.jpg")
+        picture.wait_for(state="visible", timeout=20_000)
+        assert picture.get_attribute("src").endswith(f"_{side}.jpg")
     assert page.locator("#compare_legend .legend-entry").count() >= 1
     page.wait_for_timeout(500)
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
@@ -152,7 +153,7 @@ def test_live_tab_with_a_camera(page, shots, server):
     page.get_by_text("Click to Access Webcam").click()
     page.locator("#camera button[aria-label='capture photo']").click()  # start streaming
     page.get_by_text("frames/s here").first.wait_for(timeout=60_000)
-    assert page.locator("#live img").first.is_visible()
+    page.locator("#live img").first.wait_for(state="visible", timeout=20_000)
     page.wait_for_timeout(3000)
     page.screenshot(path=str(shots / "live.png"), full_page=True)
     page.locator("#camera button[aria-label='capture photo']").click()  # stop
