@@ -100,14 +100,17 @@ def api(url: str, image: str, names: str) -> str:
 
     client = Client(url, verbose=False)
     info = client.predict(api_name="/info")
-    _, shares, mask_path, _ = client.predict(handle_file(image), names, "", 1.5, api_name="/segment")
+    overlay, _, shares, mask_path, _ = client.predict(handle_file(image), names, "", 1.5, api_name="/segment")
     wanted = [n.strip() for n in names.split(",")]
     with Image.open(image) as im:
         size = im.size
     with Image.open(mask_path) as im:
         labels, classes, mask_size = np.asarray(im), json.loads(im.info["classes"]), im.size
+    with Image.open(overlay) as im:
+        overlay_size = im.size
     present = sorted({wanted[i] for i in np.unique(labels)}) if labels.max() < len(wanted) else None
     problems = [p for p, bad in [(f"mask {mask_size} for an image of {size}", mask_size != size),
+                                 (f"overlay {overlay_size} for an image of {size}", overlay_size != size),
                                  (f"labels up to {labels.max()} for {len(wanted)} names", present is None),
                                  (f"mask classes {classes} != {wanted}", classes != wanted),
                                  (f"shares name {sorted(c['label'] for c in shares['confidences'])}, mask {present}",
