@@ -100,12 +100,12 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
 @torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
              size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
-             limit: int = 0) -> dict:
+             limit: int = 0, absent: str = "mmseg") -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
     device: where the student lives; images, text and bias are moved there (default CPU).
-    limit > 0 scores only the first `limit` images.
+    limit > 0 scores only the first `limit` images; absent: which classes enter the means (`metrics.summarize`).
     """
     device = device or torch.device("cpu")
     was_training = student.training
@@ -124,7 +124,7 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
         dist.all_reduce(matrix)
         cm.matrix = matrix.cpu().numpy()
     student.train(was_training)
-    return summarize(cm.matrix, info.classes, info.unseen)
+    return summarize(cm.matrix, info.classes, info.unseen, absent)
 
 
 class MetricsLog:
