@@ -387,6 +387,15 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
         (out / f"{name}_result.json").write_text(json.dumps(record, indent=1))
         m = record["metrics"]
         print(f"{name}: " + " ".join(f"{k} {m[k]:.1f}" for k in METRICS), flush=True)
+        report(bench, args, val)  # after every row, so a long background run shows what it has so far
+    report(bench, args, val, rows)
+
+
+def report(bench: Benchmark, args, val, rows: list[str] | None = None) -> None:
+    """results.json, the figure, the RESULTS.md section and the fp16 full-row checkpoint from the finished rows.
+
+    rows: given at the end of a run (None after each row): the default model is only written then."""
+    out, docs = Path(args.out), Path(args.docs)
     ordered = {n: json.loads((out / f"{n}_result.json").read_text()) for n in ROWS if (out / f"{n}_result.json").exists()}
     (out / "results.json").write_text(json.dumps(ordered, indent=1))
     figures = {n: dict(np.load(out / f"{n}_figure.npz")) for n in ordered}
@@ -396,7 +405,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
         small = Path(args.assets) / "benchmarks" / f"{bench.name}_zeroshot.pt"
         strip_checkpoint(out / "full" / "last.pt", small, ordered["full"]["gamma"], half=True)
         print(f"zero-shot benchmark checkpoint -> {small}")
-        if bench.default_model and args.write_default:
+        if bench.default_model and args.write_default and rows is not None:
             default = Path(args.assets) / bench.default_model
             strip_checkpoint(out / "full" / "last.pt", default, ordered["full"]["gamma"])
             write_model_card(default, val, args)
