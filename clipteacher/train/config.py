@@ -81,6 +81,7 @@ class LossConfig:
     glm_weight: float = 1.0  # InfoNCE weight; 0 switches the GLM off
     ce_weight: float = 1.0  # PLM cross-entropy weight; 0 switches pseudo labels off
     gen_weight: float = 1.0  # PLM MSE weight (generated seen features vs text)
+    dense_weight: float = 0.0  # beyond the paper: 1 - cos(student feature, teacher dense token) on unlabelled pixels; 0 = off
 
 
 @dataclass

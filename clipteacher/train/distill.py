@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from clipteacher.train.config import Config
 from clipteacher.train.glm import GlobalLearningModule
-from clipteacher.train.losses import nel_loss
+from clipteacher.train.losses import dense_distill_loss, nel_loss
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
 from clipteacher.train.teacher_cache import CacheSet, TeacherCache
@@ -96,9 +96,10 @@ class Distiller(nn.Module):
         return pseudo.to(labels.device)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor,
-                pseudo: torch.Tensor | None, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                pseudo: torch.Tensor | None, source: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D, source: B (each image's source number;
-        None = all from source 0)."""
+        None = all from source 0), dense: B x D x h x w teacher tokens (only read when loss.dense_weight > 0)."""
         lc, scale = self.cfg.loss, self.cfg.student.logit_scale
         # One source: no mask, the single-dataset losses exactly. Several: each image scores its own vocabulary.
         mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
@@ -115,6 +116,8 @@ class Distiller(nn.Module):
                                lc.focal_gamma, lc.ignore_as_negative, valid, mask))
         if lc.glm_weight > 0:
             losses["glm"] = lc.glm_weight * self.glm(cls, feats)
+        if lc.dense_weight > 0 and dense is not None:
+            losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if self.use_plm and pseudo is not None:
             plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale, mask)
             if lc.ce_weight > 0:

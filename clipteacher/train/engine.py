@@ -168,7 +168,7 @@ def run_steps(model, source: TeacherSource, batches, optimizer, scheduler, cfg: 
         batch = to_device(next(batches), device, non_blocking=device.type == "cuda")
         cls, dense = source(batch)
         pseudo = core.pseudo_labels(dense, batch["label"], batch["valid"])
-        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo, batch.get("source"))
+        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo, batch.get("source"), dense)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {state['step']}: { {k: float(v) for k, v in losses.items()} }")

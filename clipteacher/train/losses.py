@@ -62,6 +62,23 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
     return dice[present].mean()
 
 
+def dense_distill_loss(unit: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                       ignore_index: int = 255) -> torch.Tensor:
+    """Mean 1 - cos(student, teacher) over unlabelled valid cells (beyond the paper: docs/METHOD.md#dense-distillation).
+
+    unit: B x D x h x w unit student features; dense: B x D x h' x w' teacher tokens aligned with the crop (zero
+    where the teacher saw only padding), resampled bilinearly to h x w; labels, valid: B x h x w at the features'
+    resolution. Cells whose resampled token is zero are skipped.
+    """
+    target = F.interpolate(dense.float(), size=unit.shape[-2:], mode="bilinear", align_corners=False)
+    norm = target.norm(dim=1)
+    keep = (labels == ignore_index) & valid & (norm > 1e-6)
+    if not keep.any():
+        return unit.sum() * 0.0
+    cos = (unit * target).sum(1) / norm.clamp(min=1e-6)
+    return (1 - cos)[keep].mean()
+
+
 def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, focal_weight: float,
              dice_weight: float, alpha: float = 0.25, gamma: float = 2.0,
              ignore_as_negative: bool = True, valid: torch.Tensor | None = None,

@@ -5,8 +5,8 @@
 A benchmark (`Benchmark`) names its config, data, pseudo-unseen classes and figure images; the rows are
 the same for all: full (NEL + GLM + PLM), no_glm, no_plm, seen_only (NEL alone), supervised (every class
 labelled, the upper bound), teacher (the teacher's own training-free dense prediction), full_pool (full
-plus the unlabelled image pool, beyond the paper) and full_online (full with the teacher run on every crop
-instead of the cache).
+plus the unlabelled image pool, beyond the paper), full_online (full with the teacher run on every crop
+instead of the cache) and full_dense (full plus dense distillation on unlabelled pixels, beyond the paper).
 
 gamma is chosen without unseen labels and without the images that are scored (docs/DESIGN.md, unseen
 bias): for every zero-shot row a calibration model is trained with the benchmark's pseudo-unseen classes
@@ -58,6 +58,7 @@ ROWS = {
     "teacher": None,
     "full_pool": ["data.extra=[{kind: images, root: " + POOL + ", weight: 0.5}]"],  # 1/3 of each batch from the pool
     "full_online": ["teacher.mode=online"],
+    "full_dense": ["loss.dense_weight=1"],  # beyond the paper: student pulled to the teacher's dense tokens
 }
 METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")
 
