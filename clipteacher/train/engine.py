@@ -334,8 +334,8 @@ def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
         if run.main and verbose:
             tqdm.write(f"step {run.state['step']} {folder.info.name}: " +
                        " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
-        summaries[folder.info.name] = m
-    first = summaries.pop(run.val_set.info.name)
+        summaries[i if i == 0 else folder.info.name] = m
+    first = summaries.pop(0)
     return {**first, "datasets": summaries} if summaries else first
 
 
