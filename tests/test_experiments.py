@@ -6,7 +6,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import ROOT, make_dataset, synthetic_sample, tiny_config
+from helpers import make_dataset, synthetic_sample, tiny_config
 from clipteacher.cli import evaluate as evaluate_cli
 from clipteacher.train.checkpoint import load_checkpoint
 from training.experiments import runner
