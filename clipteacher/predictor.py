@@ -71,7 +71,9 @@ class Segmenter:
             student.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {path} does not fit its own student config: {str(err).splitlines()[0]}") from None
-        return cls(cfg, student.to(device), ckpt["vocabulary"], ckpt["text_cache"], ckpt["gamma"],
+        # fp16 files (assets/benchmarks) hold half text embeddings; the student computes in float32.
+        text_cache = {c: e.float() for c, e in ckpt["text_cache"].items()}
+        return cls(cfg, student.to(device), ckpt["vocabulary"], text_cache, ckpt["gamma"],
                    ckpt.get("teacher_fingerprint", ""))
 
     def text_embeddings(self, classes: list[str]) -> torch.Tensor:

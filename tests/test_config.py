@@ -28,5 +28,5 @@ def test_missing_config_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ["msrc21", "voc", "coco_stuff", "context"]:
+    for name in ["msrc21", "siftflow", "default_model", "voc", "coco_stuff", "context"]:
         load_config(f"training/configs/{name}.yaml")

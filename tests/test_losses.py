@@ -63,3 +63,16 @@ def test_labels_outside_the_vocabulary_are_rejected():
 
     with pytest.raises(ValueError, match="outside 0..1"):
         one_hot_targets(torch.tensor([[[0, 2]]]), 2, 255)
+
+
+def test_dense_distill_loss_matches_hand_example():
+    from clipteacher.train.losses import dense_distill_loss
+
+    unit = torch.nn.functional.normalize(torch.randn(1, 3, 2, 2), dim=1)
+    dense = torch.zeros(1, 3, 2, 2)
+    dense[0, :, 0, 0] = 5 * unit[0, :, 0, 0]  # same direction: 1 - cos = 0 (the norm does not matter)
+    dense[0, :, 0, 1] = -unit[0, :, 0, 1]  # opposite: 2
+    dense[0, :, 1, 0] = -unit[0, :, 1, 0]  # labelled cell: not counted
+    labels = torch.tensor([[[255, 255], [0, 255]]])  # cell (1, 1) is unlabelled but its token is zero: skipped
+    loss = dense_distill_loss(unit, dense, labels, torch.ones(1, 2, 2, dtype=torch.bool))
+    assert abs(float(loss) - 1.0) < 1e-5  # (0 + 2) / 2

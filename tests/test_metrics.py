@@ -36,3 +36,21 @@ def test_class_absent_from_ground_truth_is_left_out():
     m = summarize(cm.matrix, ["a", "b", "c"], ["b"])
     assert m["per_class"]["c"] is None
     assert m["mIoU(S)"] == 100.0
+
+
+def test_class_predicted_but_absent_from_ground_truth_counts_as_zero():
+    # Ground truth has only a and b; c is predicted on one a pixel (a false positive of an absent class).
+    cm = ConfusionMatrix(4)
+    cm.update(np.array([0, 0, 2, 1, 1]), np.array([0, 0, 0, 1, 1]))
+    classes, unseen = ["a", "b", "c", "d"], ["b", "c"]
+    m = summarize(cm.matrix, classes, unseen)
+    # a: TP 2, FN 1 -> 2/3; b: 2/2 = 1; c: TP 0, FP 1 -> 0 (counted); d: in neither -> skipped (NaN)
+    assert m["per_class"]["c"] == 0.0
+    assert m["per_class"]["d"] is None
+    assert abs(m["mIoU(S)"] - 200 / 3) < 1e-9  # a only (d skipped)
+    assert abs(m["mIoU(U)"] - 50.0) < 1e-9  # (100 + 0) / 2
+    assert abs(m["mIoU"] - (200 / 3 + 100 + 0) / 3) < 1e-9
+    assert abs(m["hIoU"] - 2 * (200 / 3) * 50 / (200 / 3 + 50)) < 1e-9
+    old = summarize(cm.matrix, classes, unseen, absent="gt_only")  # the previous rule hides c
+    assert old["per_class"]["c"] is None
+    assert abs(old["mIoU(U)"] - 100.0) < 1e-9

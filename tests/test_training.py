@@ -161,3 +161,9 @@ def test_evaluate_cli_on_unseen_folder(tiny_data, tmp_path, capsys):
     assert abs(result["hIoU"] - (0 if s + u == 0 else 2 * s * u / (s + u))) < 1e-9
     code = evaluate.main(["--checkpoint", str(other / "dataset.json"), "--data", str(other)])
     assert code == 2 and "not a clipteacher checkpoint" in capsys.readouterr().err
+
+
+def test_dense_distillation_term_is_logged_when_switched_on(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, tmp_path / "d", train={"iters": 1}, loss={"dense_weight": 1.0}), verbose=False)
+    rec = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][0]
+    assert rec["dense"] > 0

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="short side at test time (default: config eval_size)")
     parser.add_argument("--window", type=int, default=0, help="sliding-window side for large images (0 = whole image)")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--absent", default="mmseg", choices=["mmseg", "gt_only"],
+                        help="mmseg: a class predicted but absent from the ground truth counts with IoU 0 (default); "
+                             "gt_only: the old rule, only ground-truth classes are averaged")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student runs")
     args = parser.parse_args(argv)
     try:
@@ -48,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         gamma = seg.gamma if args.gamma is None else args.gamma
         text = seg.text_embeddings(classes)
         result = evaluate(seg.student, folder, text, unseen_bias(classes, seg.vocabulary, gamma),
-                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device)
+                          seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device,
+                          absent=args.absent)
     except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
-                   "seen_in_training": seg.vocabulary})
+                   "absent": args.absent, "seen_in_training": seg.vocabulary})
     out = Path(args.out) if args.out else default_output(Path(args.checkpoint), f"eval_{folder.info.name}_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}): " + "  ".join(

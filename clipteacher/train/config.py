@@ -19,6 +19,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    """A training source beside `data`: another labelled dataset, or a folder of unlabelled images."""
+
+    kind: Literal["folder", "voc", "coco_stuff", "context", "images"] = "folder"  # images: unlabelled pool (GLM + PLM, no NEL)
+    root: str = ""  # dataset folder; for `images` a folder of pictures (or one holding images/)
+    split: str = "train"  # split trained on (ignored for `images`)
+    val_split: str = "val"  # split scored at validation, per dataset ("" = not scored; ignored for `images`)
+    weight: float = 1.0  # sampling weight, relative to `data.weight` and the other sources'
+
+
+@dataclass
 class DataConfig:
     kind: Literal["folder", "voc", "coco_stuff", "context"] = "folder"  # folder = the msrc21 layout
     root: str = "../shared/data/msrc21"  # dataset folder; relative paths resolve from the current directory
@@ -33,6 +44,9 @@ class DataConfig:
     photometric: bool = True  # random brightness / contrast / saturation jitter
     eval_size: int = 320  # short side used at validation / evaluation time
     num_workers: int = 2  # DataLoader workers
+    weight: float = 1.0  # sampling weight of this dataset when `extra` lists more sources (batches mix by weight)
+    extra: tuple[SourceConfig, ...] = ()  # more training sources: datasets (own vocabulary each) and unlabelled image pools
+    heldout_fraction: float = 0.0  # share of train-split images held aside (never trained on), e.g. to choose gamma on
 
 
 @dataclass
@@ -46,7 +60,7 @@ class TeacherConfig:
     input_size: int = 448  # side of the square image the teacher sees (448 -> 14x14 tokens for lite2)
     templates: tuple = ("a photo of a {}.",)  # prompt templates averaged for class-name embeddings
     mode: Literal["online", "cached"] = "online"  # online: teacher sees each augmented crop | cached: once per image
-    cache_dir: str = ""  # cached mode: folder for teacher outputs (default: <out_dir>/../teacher_cache)
+    cache_dir: str = ""  # cached mode: folder for teacher outputs, one <dataset>_<split> subfolder per source (default: <out_dir>/../teacher_cache)
 
 
 @dataclass
@@ -67,6 +81,7 @@ class LossConfig:
     glm_weight: float = 1.0  # InfoNCE weight; 0 switches the GLM off
     ce_weight: float = 1.0  # PLM cross-entropy weight; 0 switches pseudo labels off
     gen_weight: float = 1.0  # PLM MSE weight (generated seen features vs text)
+    dense_weight: float = 0.0  # beyond the paper: 1 - cos(student feature, teacher dense token) on unlabelled pixels; 0 = off
 
 
 @dataclass
@@ -172,12 +187,47 @@ def _coerce(value: Any, current: Any, key: str, hint: Any = None) -> Any:
     if isinstance(current, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]
+        item = _dataclass_item(hint)
+        if item is not None:
+            return tuple(_build_item(item, v, f"{key}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if isinstance(current, str):
         if not isinstance(value, str):
             value = str(value)
         return value
     return value
+
+
+def _dataclass_item(hint: Any) -> type | None:
+    """tuple[X, ...] with X a dataclass -> X, else None."""
+    args = get_args(hint) if get_origin(hint) is tuple else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
+
+
+def _build_item(cls: type, value: Any, key: str) -> Any:
+    """One element of a tuple-of-sections field, from a mapping (or an instance, kept as it is)."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+    item = cls()
+    _apply(item, value, f"{key}.", key)
+    return item
+
+
+def _check(cfg: "Config") -> None:
+    """Checks across fields, each a one-line ConfigError."""
+    d = cfg.data
+    if not 0.0 <= d.heldout_fraction < 1.0:
+        raise ConfigError(f"config key 'data.heldout_fraction' must be in [0, 1); got {d.heldout_fraction}")
+    for i, w in enumerate([d.weight] + [e.weight for e in d.extra]):
+        if w < 0:
+            raise ConfigError(f"config key '{'data.weight' if i == 0 else f'data.extra[{i - 1}].weight'}' must be >= 0; got {w}")
+    if d.extra and d.weight + sum(e.weight for e in d.extra) <= 0:
+        raise ConfigError("config keys 'data.weight' and 'data.extra[*].weight' are all 0: nothing to train on")
+    for i, e in enumerate(d.extra):
+        if not e.root:
+            raise ConfigError(f"config key 'data.extra[{i}].root' is empty: give the source's folder")
 
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:
@@ -199,6 +249,7 @@ def _apply(section: Any, values: dict, prefix: str, source: str) -> None:
 def from_dict(values: dict, source: str = "dict") -> Config:
     cfg = Config()
     _apply(cfg, values or {}, "", source)
+    _check(cfg)
     return cfg
 
 
@@ -213,6 +264,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         _apply(cfg, nested, "", f"override '{item}'")
+    _check(cfg)
     return cfg
 
 

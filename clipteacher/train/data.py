@@ -44,19 +44,24 @@ class TrainDataset(Dataset):
 
     Items are dicts: image 3 x S x S float, label S x S long (vocabulary index / ignore), valid S x S bool
     (False on padding), box 4 (x0, y0, x1, y1 in [0, 1] image coords, may exceed), flip bool,
-    index int. Indexed by (sample, epoch) pairs from `EpochSampler`.
+    index int, source int. Indexed by (sample, epoch) pairs from `EpochSampler`.
+
+    Several sources (`clipteacher.train.sources`): `vocabulary` is this source's own training classes,
+    `union` the run's whole training vocabulary that labels index into, `source` this source's number.
     """
 
-    def __init__(self, folder: SegmentationFolder, cfg: DataConfig, seed: int, vocabulary: list[str]):
-        self.folder, self.cfg, self.seed = folder, cfg, seed
-        self.lut = vocabulary_lut(folder.info, vocabulary)
+    def __init__(self, folder: SegmentationFolder, cfg: DataConfig, seed: int, vocabulary: list[str],
+                 source: int = 0, union: list[str] | None = None):
+        self.folder, self.cfg, self.seed, self.source = folder, cfg, seed, source
+        self.lut = vocabulary_lut(folder.info, vocabulary, union)
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
-        rng = np.random.default_rng([self.seed, epoch, index])
+        # Source 0 keeps the single-dataset stream; other sources get their own.
+        rng = np.random.default_rng([self.seed, epoch, index] + ([self.source] if self.source else []))
         image = self.folder.read_image(index)
         label = self.folder.read_label(index)
         label = self.lut[label]
@@ -87,17 +92,34 @@ class TrainDataset(Dataset):
             "box": torch.tensor(box, dtype=torch.float32),
             "flip": torch.tensor(flip),
             "index": torch.tensor(index),
+            "source": torch.tensor(self.source),
         }
 
 
-def vocabulary_lut(info: DatasetInfo, vocabulary: list[str]) -> np.ndarray:
-    """uint8[256]: dataset class id -> index in `vocabulary`, ignore for every other value."""
+class MixedDataset(Dataset):
+    """Several `TrainDataset`s behind one index: keys (source, sample, epoch) from `MixtureSampler`."""
+
+    def __init__(self, parts: list[TrainDataset]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        source, index, epoch = key
+        return self.parts[source][(index, epoch)]
+
+
+def vocabulary_lut(info: DatasetInfo, vocabulary: list[str], target: list[str] | None = None) -> np.ndarray:
+    """uint8[256]: dataset class id -> index in `target` (default `vocabulary`) for the classes in
+    `vocabulary`, ignore for every other value."""
     missing = [c for c in vocabulary if c not in info.classes]
     if missing:
         raise ValueError(f"training vocabulary names {missing}, not classes of {info.name}")
+    target = vocabulary if target is None else target
     lut = np.full(256, info.ignore_index, dtype=np.uint8)
-    for j, c in enumerate(vocabulary):
-        lut[info.classes.index(c)] = j
+    for c in vocabulary:
+        lut[info.classes.index(c)] = target.index(c)
     return lut
 
 
@@ -140,11 +162,16 @@ class EpochSampler(Sampler):
     """Yields (index, epoch) pairs batch by batch, one seeded permutation per epoch, sharded by rank.
 
     `start` skips that many batches of the first epoch, which is how `--resume` lands on the
-    exact batch an uninterrupted run would have drawn next.
+    exact batch an uninterrupted run would have drawn next. `indices` (n of them) are the sample
+    numbers drawn from (default 0..n-1), e.g. a split without its held-aside slice.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
+                 indices: list[int] | None = None):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.indices = np.arange(n) if indices is None else np.asarray(indices)
+        if len(self.indices) != n:
+            raise ValueError(f"EpochSampler: {len(self.indices)} indices for n={n}")
         self.per_epoch = (n // world) // batch_size
         if self.per_epoch == 0:
             raise ValueError(f"dataset of {n} images is smaller than one batch ({batch_size} x {world} processes)")
@@ -154,9 +181,51 @@ class EpochSampler(Sampler):
         step = self.start
         while True:
             epoch, pos = divmod(step, self.per_epoch)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)[self.rank :: self.world]
+            perm = self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.n)][self.rank :: self.world]
             batch = perm[pos * self.batch_size : (pos + 1) * self.batch_size]
             yield [(int(i), epoch) for i in batch]
+            step += 1
+
+
+class MixtureSampler(Sampler):
+    """Batches that mix several sources by weight: yields lists of (source, sample, epoch) keys.
+
+    Each batch slot picks its source with probabilities `weights` from a generator seeded by
+    (seed, step); within a source, samples come in a seeded permutation per epoch of that source,
+    so every sample of a source is drawn once before any repeats. `start` replays the source choices
+    of the earlier steps (cheap: no permutations), so a resumed run draws exactly the batches an
+    uninterrupted run would have. The global batch is batch_size x world; rank r takes slots r::world.
+    """
+
+    def __init__(self, pools: list[list[int]], weights: list[float], batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, start: int = 0):
+        w = np.asarray(weights, dtype=np.float64)
+        w = np.where([len(p) > 0 for p in pools], w, 0.0)
+        if w.sum() <= 0:
+            raise ValueError("MixtureSampler: every source is empty or has weight 0")
+        self.pools, self.p = [np.asarray(p) for p in pools], w / w.sum()
+        self.batch_size, self.seed, self.rank, self.world, self.start = batch_size, seed, rank, world, start
+        self.per_epoch = max(1, sum(len(p) for p in pools) // (batch_size * world))  # the engine's epoch marks
+
+    def _choose(self, step: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, step]).choice(len(self.pools), size=self.batch_size * self.world, p=self.p)
+
+    def __iter__(self):
+        counts = np.zeros(len(self.pools), dtype=np.int64)
+        for step in range(self.start):
+            counts += np.bincount(self._choose(step), minlength=len(self.pools))
+        perms: dict[tuple[int, int], np.ndarray] = {}
+        step = self.start
+        while True:
+            keys = []
+            for k in self._choose(step):
+                epoch, pos = divmod(int(counts[k]), len(self.pools[k]))
+                if (k, epoch) not in perms:
+                    perms = {key: v for key, v in perms.items() if key[0] != k}  # keep one epoch per source
+                    perms[(k, epoch)] = self.pools[k][np.random.default_rng([self.seed, 7919 + k, epoch]).permutation(len(self.pools[k]))]
+                keys.append((int(k), int(perms[(k, epoch)][pos]), epoch))
+                counts[k] += 1
+            yield keys[self.rank :: self.world]
             step += 1
 
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from clipteacher.train.config import Config
 from clipteacher.train.glm import GlobalLearningModule
-from clipteacher.train.losses import nel_loss
+from clipteacher.train.losses import dense_distill_loss, nel_loss
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
-from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.train.teacher_cache import CacheSet, TeacherCache
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -32,7 +32,7 @@ class TeacherSource:
     amp: autocast dtype for the teacher's forward (None = float32); its outputs are float32 either way.
     """
 
-    def __init__(self, teacher, cache: TeacherCache | None = None, amp: torch.dtype | None = None):
+    def __init__(self, teacher, cache: TeacherCache | CacheSet | None = None, amp: torch.dtype | None = None):
         self.teacher = teacher.eval()
         self.cache = cache
         self.amp = amp
@@ -47,6 +47,9 @@ class TeacherSource:
 
         -> (cls B x D, dense B x D x h x w) float32 on that device, aligned with batch['image'] (B x 3 x S x S)."""
         device = self.device
+        if isinstance(self.cache, CacheSet):
+            cls, dense = self.cache.lookup(batch["index"], batch["box"], batch["flip"], batch["source"])
+            return cls.to(device), dense.to(device)
         if self.cache is not None:
             cls, dense = self.cache.lookup(batch["index"], batch["box"], batch["flip"])
             return cls.to(device), dense.to(device)
@@ -68,7 +71,10 @@ def at_stride(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 class Distiller(nn.Module):
     """Student + GLM + PLM. forward(...) -> dict of weighted loss terms (their sum is the objective)."""
 
-    def __init__(self, cfg: Config, embed_dim: int, text_seen: torch.Tensor, ignore_index: int = 255):
+    def __init__(self, cfg: Config, embed_dim: int, text_seen: torch.Tensor, ignore_index: int = 255,
+                 vocab_mask: torch.Tensor | None = None):
+        """text_seen: C_s x D, the training vocabulary (union over sources); vocab_mask: S x C_s bool, which
+        of those classes source s may score (`clipteacher.train.sources.Sources.mask`; default: one source, all)."""
         super().__init__()
         self.cfg = cfg
         self.ignore_index = ignore_index
@@ -77,6 +83,8 @@ class Distiller(nn.Module):
         self.use_plm = cfg.loss.ce_weight > 0 or cfg.loss.gen_weight > 0
         self.plm = PixelLearningModule(cfg.plm, embed_dim) if self.use_plm else None
         self.register_buffer("text_seen", text_seen.clone())
+        mask = torch.ones(1, text_seen.shape[0], dtype=torch.bool) if vocab_mask is None else vocab_mask.clone()
+        self.register_buffer("vocab_mask", mask, persistent=False)  # rebuilt from the config, not a weight
         self.amp: torch.dtype | None = None  # autocast dtype of the student's forward (None = float32); set by the engine
 
     def pseudo_labels(self, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
@@ -88,9 +96,13 @@ class Distiller(nn.Module):
         return pseudo.to(labels.device)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor,
-                pseudo: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D."""
+                pseudo: torch.Tensor | None, source: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D, source: B (each image's source number;
+        None = all from source 0), dense: B x D x h x w teacher tokens (only read when loss.dense_weight > 0)."""
         lc, scale = self.cfg.loss, self.cfg.student.logit_scale
+        # One source: no mask, the single-dataset losses exactly. Several: each image scores its own vocabulary.
+        mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
         with autocast(images.device, self.amp):
             feats = self.student(images)
         feats = feats.float()  # the losses run in float32 (a no-op without autocast)
@@ -101,11 +113,13 @@ class Distiller(nn.Module):
         labels, valid = at_stride(labels, feats), at_stride(valid, feats)
         logits = torch.einsum("bdhw,cd->bchw", unit, self.text_seen) * scale
         losses.update(nel_loss(logits, labels, self.ignore_index, lc.focal_weight, lc.dice_weight, lc.focal_alpha,
-                               lc.focal_gamma, lc.ignore_as_negative, valid))
+                               lc.focal_gamma, lc.ignore_as_negative, valid, mask))
         if lc.glm_weight > 0:
             losses["glm"] = lc.glm_weight * self.glm(cls, feats)
+        if lc.dense_weight > 0 and dense is not None:
+            losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if self.use_plm and pseudo is not None:
-            plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale)
+            plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale, mask)
             if lc.ce_weight > 0:
                 losses["ce"] = lc.ce_weight * plm["ce"]
             if lc.gen_weight > 0:

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from clipteacher.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from clipteacher.train.config import Config, ConfigError, save_config
-from clipteacher.train.data import EpochSampler, EvalDataset, TrainDataset, to_device
+from clipteacher.train.data import EpochSampler, EvalDataset, MixedDataset, MixtureSampler, TrainDataset, to_device
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
 from clipteacher.train.distill import Distiller, TeacherSource
 from clipteacher.train.metrics import ConfusionMatrix, summarize
 from clipteacher.predictor import predict_logits, unseen_bias
-from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.train.sources import Sources, open_sources
+from clipteacher.train.teacher_cache import CacheSet, TeacherCache
 from clipteacher.models.teachers import build_teacher
 
 # Config fields that define the weights: a checkpoint made with other values cannot be resumed.
@@ -100,12 +101,12 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
 @torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
              size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
-             limit: int = 0) -> dict:
+             limit: int = 0, absent: str = "mmseg") -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
     device: where the student lives; images, text and bias are moved there (default CPU).
-    limit > 0 scores only the first `limit` images.
+    limit > 0 scores only the first `limit` images; absent: which classes enter the means (`metrics.summarize`).
     """
     device = device or torch.device("cpu")
     was_training = student.training
@@ -124,7 +125,7 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
         dist.all_reduce(matrix)
         cm.matrix = matrix.cpu().numpy()
     student.train(was_training)
-    return summarize(cm.matrix, info.classes, info.unseen)
+    return summarize(cm.matrix, info.classes, info.unseen, absent)
 
 
 class MetricsLog:
@@ -183,7 +184,7 @@ def run_steps(model, source: TeacherSource, batches, optimizer, scheduler, cfg: 
         batch = to_device(next(batches), device, non_blocking=device.type == "cuda")
         cls, dense = source(batch)
         pseudo = core.pseudo_labels(dense, batch["label"], batch["valid"])
-        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo)
+        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo, batch.get("source"), dense)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {state['step']}: { {k: float(v) for k, v in losses.items()} }")
@@ -218,15 +219,16 @@ class Run:
     out: Path
     train_set: SegmentationFolder
     val_set: SegmentationFolder
-    vocabulary: list[str]  # training classes, in the order of the text embeddings the losses use
+    vocabulary: list[str]  # training classes (union over sources), in the order of the text embeddings the losses use
     text_all: torch.Tensor  # C x D embeddings of every class of the dataset (validation)
-    text_cache: dict  # class name -> D embedding, saved with checkpoints
+    text_cache: dict  # class name -> D embedding of every class of every source, saved with checkpoints
     teacher: torch.nn.Module
     source: TeacherSource
     core: Distiller
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # loss scaling for float16 autocast of the student; disabled otherwise
+    sources: Sources  # the primary dataset and data.extra: readers, vocabularies, weights, trained indices
     state: dict = field(default_factory=lambda: {"step": 0})
 
     @property
@@ -257,23 +259,28 @@ def check_inputs(cfg: Config, resume: str | None, verbose: bool, main: bool):
     return train_set, val_set, ckpt
 
 
-def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationFolder, verbose: bool = True) -> Run:
-    """Teacher (and its cache), text embeddings, the learning modules and the optimiser."""
+def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationFolder, verbose: bool = True,
+              sources: Sources | None = None) -> Run:
+    """Teacher (and its caches), text embeddings, the learning modules and the optimiser.
+
+    sources: from `open_sources` (read here when not given)."""
     rank, world, device = setup_distributed(cfg.train.device)
     amp = amp_dtype(cfg.train.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest kernels are chosen once
     out = Path(cfg.train.out_dir)
     info = train_set.info
+    sources = sources or open_sources(cfg, train_set, val_set, verbose and rank == 0)
     torch.manual_seed(cfg.train.seed)
     teacher = build_teacher(cfg.teacher).to(device)
-    vocabulary = info.seen if cfg.data.zero_shot else list(info.classes)
-    text_all = teacher.encode_text(list(info.classes), cfg.teacher.templates).cpu()
-    text_cache = {c: e for c, e in zip(info.classes, text_all)}
+    vocabulary = sources.vocabulary
+    names = sources.class_names()  # every source's classes, embedded once
+    text_cache = {c: e for c, e in zip(names, teacher.encode_text(names, cfg.teacher.templates).cpu())}
+    text_all = torch.stack([text_cache[c] for c in info.classes])
     text_seen = torch.stack([text_cache[c] for c in vocabulary])
     cache = None
     if cfg.teacher.mode == "cached":
-        root = cfg.teacher.cache_dir or out.parent / "teacher_cache" / f"{info.name}_{cfg.data.train_split}"
+        base = Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else out.parent / "teacher_cache"
         # No two processes write one cache: global rank 0 builds it; then the first process of every
         # other node opens it, building its own copy only when cache_dir is node-local (not fresh there);
         # then everyone else opens the fresh cache.
@@ -281,12 +288,13 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
         mine = 0 if rank == 0 else 1 if local == 0 else 2
         for turn in range(3 if world > 1 else 1):
             if turn == mine:
-                cache = TeacherCache(root, teacher, train_set, verbose=verbose and local == 0)
+                cache = CacheSet([TeacherCache(base / f"{f.info.name}_{f.split}", teacher, f, verbose=verbose and local == 0)
+                                  for f in sources.folders])
             if world > 1:
                 dist.barrier()
 
     torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
-    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index).to(device)
+    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask()).to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
     groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
@@ -295,7 +303,7 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return Run(cfg, rank, world, device, out, train_set, val_set, vocabulary, text_all, text_cache, teacher,
-               TeacherSource(teacher, cache, amp), core, optimizer, scheduler, scaler)
+               TeacherSource(teacher, cache, amp), core, optimizer, scheduler, scaler, sources)
 
 
 def restore(run: Run, ckpt: dict) -> None:
@@ -324,23 +332,44 @@ def save(run: Run, metrics: dict | None = None) -> None:
 
 
 def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
-    """Score the student on the val split with the configured gamma; logged and returned."""
-    cfg, info = run.cfg, run.train_set.info
-    bias = unseen_bias(list(info.classes), run.vocabulary, cfg.train.gamma)
-    m = evaluate(run.core.student, run.val_set, run.text_all, bias, cfg.student.logit_scale, cfg.data.eval_size,
-                 rank=run.rank, world=run.world, device=run.device, progress=verbose, limit=cfg.train.val_limit)
-    log.write({"step": run.state["step"], **{f"val/{k}": v for k, v in m.items() if k != "per_class"}})
-    if run.main and verbose:
-        tqdm.write(f"step {run.state['step']}: " + " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
-    return m
+    """Score the student on each labelled source's val split with the configured gamma; logged and returned.
 
-
-def make_loader(run: Run) -> tuple[EpochSampler, DataLoader]:
-    """This rank's sampler (from the run's current step) and DataLoader; CPU batches, pinned for a GPU run."""
+    Returns the primary dataset's summary; with more datasets, their summaries too under 'datasets' (by name)
+    and in the log as val/<name>/<metric>."""
     cfg = run.cfg
-    dataset = TrainDataset(run.train_set, cfg.data, cfg.train.seed, run.vocabulary)
-    sampler = EpochSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
-                           start=run.state["step"])
+    sets = [run.val_set] + [v for v in run.sources.vals[1:] if v is not None]
+    summaries = {}
+    for i, folder in enumerate(sets):
+        classes = list(folder.info.classes)
+        text = run.text_all if i == 0 else torch.stack([run.text_cache[c] for c in classes])
+        m = evaluate(run.core.student, folder, text, unseen_bias(classes, run.vocabulary, cfg.train.gamma),
+                     cfg.student.logit_scale, cfg.data.eval_size, rank=run.rank, world=run.world, device=run.device,
+                     progress=verbose, limit=cfg.train.val_limit)
+        prefix = "val/" if i == 0 else f"val/{folder.info.name}/"
+        log.write({"step": run.state["step"], **{f"{prefix}{k}": v for k, v in m.items() if k != "per_class"}})
+        if run.main and verbose:
+            tqdm.write(f"step {run.state['step']} {folder.info.name}: " +
+                       " ".join(f"{k} {m[k]:.1f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
+        summaries[i if i == 0 else folder.info.name] = m
+    first = summaries.pop(0)
+    return {**first, "datasets": summaries} if summaries else first
+
+
+def make_loader(run: Run) -> tuple[EpochSampler | MixtureSampler, DataLoader]:
+    """This rank's sampler (from the run's current step) and DataLoader; CPU batches, pinned for a GPU run.
+
+    One source: `EpochSampler` over its trained indices. Several: `MixtureSampler` mixes them by weight."""
+    cfg, src = run.cfg, run.sources
+    parts = [TrainDataset(f, cfg.data, cfg.train.seed, own, k, src.vocabulary)
+             for k, (f, own) in enumerate(zip(src.folders, src.own))]
+    if len(parts) == 1:
+        dataset = parts[0]
+        sampler = EpochSampler(len(src.indices[0]), cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
+                               start=run.state["step"], indices=src.indices[0])
+    else:
+        dataset = MixedDataset(parts)
+        sampler = MixtureSampler(src.indices, src.weights, cfg.train.batch_size, cfg.train.seed, run.rank, run.world,
+                                 start=run.state["step"])
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                         persistent_workers=cfg.data.num_workers > 0, pin_memory=run.device.type == "cuda")
     return sampler, loader

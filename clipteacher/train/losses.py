@@ -23,10 +23,12 @@ def one_hot_targets(labels: torch.Tensor, num_classes: int, ignore_index: int) -
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                       alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+                       alpha: float = 0.25, gamma: float = 2.0, class_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Focal loss averaged over classes and weighted pixels (ZegCLIP's normalisation).
 
-    logits, targets: B x C x H x W; weight: B x H x W (0 drops a pixel).
+    logits, targets: B x C x H x W; weight: B x H x W (0 drops a pixel); class_mask: B x C bool, the
+    classes each image may score (its dataset's vocabulary; default all): the class mean runs over them,
+    and an image with none (an unlabelled pool image) drops out.
     """
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -34,7 +36,13 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    loss = loss.mean(dim=1) * weight
+    if class_mask is None:
+        loss = loss.mean(dim=1)
+    else:
+        m = class_mask.to(loss.dtype)
+        loss = torch.einsum("bchw,bc->bhw", loss, m) / m.sum(1).clamp(min=1.0)[:, None, None]
+        weight = weight * (m.sum(1) > 0).to(weight.dtype)[:, None, None]
+    loss = loss * weight
     return loss.sum() / weight.sum().clamp(min=1.0)
 
 
@@ -54,14 +62,34 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
     return dice[present].mean()
 
 
+def dense_distill_loss(unit: torch.Tensor, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                       ignore_index: int = 255) -> torch.Tensor:
+    """Mean 1 - cos(student, teacher) over unlabelled valid cells (beyond the paper: docs/METHOD.md#dense-distillation).
+
+    unit: B x D x h x w unit student features; dense: B x D x h' x w' teacher tokens aligned with the crop (zero
+    where the teacher saw only padding), resampled bilinearly to h x w; labels, valid: B x h x w at the features'
+    resolution. Cells whose resampled token is zero are skipped.
+    """
+    target = F.interpolate(dense.float(), size=unit.shape[-2:], mode="bilinear", align_corners=False)
+    norm = target.norm(dim=1)
+    keep = (labels == ignore_index) & valid & (norm > 1e-6)
+    if not keep.any():
+        return unit.sum() * 0.0
+    cos = (unit * target).sum(1) / norm.clamp(min=1e-6)
+    return (1 - cos)[keep].mean()
+
+
 def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, focal_weight: float,
              dice_weight: float, alpha: float = 0.25, gamma: float = 2.0,
-             ignore_as_negative: bool = True, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             ignore_as_negative: bool = True, valid: torch.Tensor | None = None,
+             class_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Focal + dice on seen-class logits.
 
     logits: B x C_s x H x W, labels: B x H x W with seen ids or ignore; valid: B x H x W bool,
     False on padding (never counted). With ignore_as_negative (ZegCLIP's code), ignored pixels
     are negatives for every seen class, which pushes unseen objects away from seen classes.
+    class_mask: B x C_s bool, each image's own vocabulary (several datasets): other classes are
+    neither positives nor negatives there. Dice needs no mask: it only scores classes present in the labels.
     """
     targets, ignored = one_hot_targets(labels, logits.shape[1], ignore_index)
     weight = torch.ones_like(labels, dtype=logits.dtype) if ignore_as_negative else (~ignored).to(logits.dtype)
@@ -69,7 +97,7 @@ def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, foca
         weight = weight * valid.to(logits.dtype)
     out = {}
     if focal_weight > 0:
-        out["focal"] = focal_weight * sigmoid_focal_loss(logits, targets, weight, alpha, gamma)
+        out["focal"] = focal_weight * sigmoid_focal_loss(logits, targets, weight, alpha, gamma, class_mask)
     if dice_weight > 0:
         out["dice"] = dice_weight * dice_loss(logits, targets, weight)
     return out

@@ -2,6 +2,12 @@
 
 IoUs come from one confusion matrix accumulated over every image (MMSeg style), not from
 per-image averages. hIoU is recomputed from the two means, never copied.
+
+Which classes enter a mean (`absent`): "mmseg" (default) averages every class whose union
+TP + FP + FN is positive, so a class predicted where the ground truth never has it counts with
+IoU 0; only classes absent from both ground truth and prediction (NaN) are skipped, as MMSeg's
+nanmean does. "gt_only" (the rule before 2026-11-22) averages only classes present in the ground
+truth, which hides false positives of absent classes; it is kept to compare old numbers.
 """
 from __future__ import annotations
 
@@ -43,19 +49,25 @@ def harmonic(s: float, u: float) -> float:
     return 0.0 if s + u <= 0 else 2 * s * u / (s + u)
 
 
-def summarize(matrix: np.ndarray, classes: list[str], unseen: list[str]) -> dict:
+ABSENT_RULES = ("mmseg", "gt_only")
+
+
+def summarize(matrix: np.ndarray, classes: list[str], unseen: list[str], absent: str = "mmseg") -> dict:
     """Percentages: pAcc, mIoU over all / seen / unseen classes, hIoU, and per-class IoU.
 
-    Classes that never appear in the ground truth are left out of the means (their IoU can only
-    be 0 or NaN and says nothing about the split), and listed as null in per_class.
+    matrix: C x C (rows ground truth). absent="mmseg": a class enters the means when its union is
+    positive (predicted but never in the ground truth -> IoU 0 counts); classes in neither are NaN,
+    skipped, and null in per_class. absent="gt_only": only classes present in the ground truth count.
     """
+    if absent not in ABSENT_RULES:
+        raise ValueError(f"absent must be one of {', '.join(ABSENT_RULES)}; got {absent!r}")
     iou = iou_per_class(matrix)
-    in_gt = matrix.sum(1) > 0
+    counted = ~np.isnan(iou) if absent == "mmseg" else matrix.sum(1) > 0
     unseen_ids = [i for i, c in enumerate(classes) if c in set(unseen)]
     seen_ids = [i for i in range(len(classes)) if i not in set(unseen_ids)]
 
     def mean_of(ids: list[int]) -> float:
-        vals = [iou[i] for i in ids if in_gt[i]]
+        vals = [iou[i] for i in ids if counted[i]]
         return float(np.mean(vals) * 100) if vals else float("nan")
 
     total = matrix.sum()
@@ -66,6 +78,6 @@ def summarize(matrix: np.ndarray, classes: list[str], unseen: list[str]) -> dict
         "mIoU(S)": s,
         "mIoU(U)": u,
         "hIoU": harmonic(s, u) if not (np.isnan(s) or np.isnan(u)) else float("nan"),
-        "per_class": {c: (None if not in_gt[i] or np.isnan(iou[i]) else float(iou[i] * 100)) for i, c in enumerate(classes)},
+        "per_class": {c: (None if not counted[i] or np.isnan(iou[i]) else float(iou[i] * 100)) for i, c in enumerate(classes)},
         "pixels": int(total),
     }

@@ -95,9 +95,10 @@ class PixelLearningModule(nn.Module):
         self.generator = WeightGenerator(cfg, dim)
 
     def forward(self, unit: torch.Tensor, pseudo: torch.Tensor, cls: torch.Tensor, text_seen: torch.Tensor,
-                scale: float) -> dict[str, torch.Tensor]:
+                scale: float, class_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """unit: B x D x h x w L2-normalised student features; pseudo: B x h x w (seen ids, num_seen + r, ignore) at
-        the feature resolution; cls: B x D teacher tokens; text_seen: C_s x D. Returns {'ce', 'gen'}."""
+        the feature resolution; cls: B x D teacher tokens; text_seen: C_s x D; class_mask: B x C_s bool, the seen
+        classes each image's CE may choose (its dataset's vocabulary; default all). Returns {'ce', 'gen'}."""
         num_seen = text_seen.shape[0]
         num_ids = num_seen + self.max_regions
         means, present = region_means(unit, pseudo, num_ids)
@@ -110,8 +111,9 @@ class PixelLearningModule(nn.Module):
         # Classifier per image: seen text embeddings, then that image's own pseudo weights.
         classifier = torch.cat([text_seen.unsqueeze(0).expand(unit.shape[0], -1, -1), weights[:, num_seen:]], 1)
         logits = torch.einsum("bdhw,bkd->bkhw", unit, classifier) * scale
-        pseudo_present = torch.cat([torch.ones_like(seen_present), present[:, num_seen:]], 1)
-        logits = logits.masked_fill(~pseudo_present[:, :, None, None], -1e4)  # absent pseudo ids are not options
+        options = torch.ones_like(seen_present) if class_mask is None else class_mask.to(seen_present.device)
+        pseudo_present = torch.cat([options, present[:, num_seen:]], 1)
+        logits = logits.masked_fill(~pseudo_present[:, :, None, None], -1e4)  # absent pseudo ids, other datasets' classes: not options
         target = torch.where(pseudo < num_ids, pseudo, torch.full_like(pseudo, -100))
         ce = F.cross_entropy(logits, target, ignore_index=-100) if (target >= 0).any() else zero
         return {"ce": ce, "gen": gen}

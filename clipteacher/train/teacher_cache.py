@@ -88,3 +88,26 @@ class TeacherCache:
         dense = crop_features(dense, boxes.cpu(), flips.cpu(), tuple(dense.shape[-2:]))
         dense = torch.nn.functional.normalize(dense, dim=1)  # zero outside the image stays zero
         return self.cls[idx], dense
+
+
+class CacheSet:
+    """One `TeacherCache` per training source; `lookup` takes each crop's source number too."""
+
+    def __init__(self, caches: list[TeacherCache]):
+        self.caches = caches
+
+    def lookup(self, indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+               sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `TeacherCache.lookup`, with sources B (any device): (cls B x D, dense B x D x h x w) in batch order."""
+        if len(self.caches) == 1:
+            return self.caches[0].lookup(indices, boxes, flips)
+        sources = sources.cpu()
+        cls = dense = None
+        for s in sources.unique().tolist():
+            rows = (sources == s).nonzero().flatten()
+            c, d = self.caches[s].lookup(indices.cpu()[rows], boxes.cpu()[rows], flips.cpu()[rows])
+            if cls is None:
+                cls = c.new_zeros(len(sources), *c.shape[1:])
+                dense = d.new_zeros(len(sources), *d.shape[1:])
+            cls[rows], dense[rows] = c, d
+        return cls, dense

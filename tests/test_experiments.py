@@ -1,0 +1,59 @@
+"""The shared benchmark runner (training/experiments/runner.py) end to end on a tiny synthetic dataset."""
+import json
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from helpers import make_dataset, synthetic_sample, tiny_config
+from clipteacher.cli import evaluate as evaluate_cli
+from clipteacher.train.checkpoint import load_checkpoint
+from training.experiments import runner
+
+
+def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data", n_train=10, n_val=2)
+    pool = tmp_path / "pool"
+    (pool / "images").mkdir(parents=True)
+    Image.fromarray(synthetic_sample(np.random.default_rng(0))[0]).save(pool / "images" / "a.png")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "unused").to_dict()))
+    bench = runner.Benchmark(name="tiny", title="Tiny", config=str(config), data=str(data), holdout=["cow"],
+                             figure_ids=["v0"], heldout_fraction=0.3, default_rows=["teacher", "full", "full_pool"])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n\nhand-written reading\n")
+    swept = []
+    real_sweep = runner.sweep_gamma
+    monkeypatch.setattr(runner, "sweep_gamma", lambda seg, folder, *a: swept.append(list(folder.ids)) or real_sweep(seg, folder, *a))
+    argv = ["--iters", "2", "--out", str(tmp_path / "out"), "--docs", str(docs), "--assets", str(tmp_path / "assets"),
+            "--pool", str(pool)]
+    runner.main(bench, argv)
+    out = tmp_path / "out"
+    # gamma was chosen on train images the calibration model never trained on, never on val
+    calib_ids = swept[0]
+    assert calib_ids and all(i.startswith("t") for i in calib_ids)
+    full = json.loads((out / "full_result.json").read_text())
+    assert full["calibration_images"] == len(calib_ids)
+    cal_cfg = yaml.safe_load((out / "full_calibration" / "config.yaml").read_text())
+    assert cal_cfg["data"]["heldout_fraction"] == 0.3 and cal_cfg["data"]["holdout"] == ["cow"]
+    pool_cfg = yaml.safe_load((out / "full_pool" / "config.yaml").read_text())
+    assert pool_cfg["data"]["extra"][0] == {"kind": "images", "root": str(pool), "split": "train", "val_split": "val",
+                                            "weight": 0.5}
+    text = (docs / "RESULTS.md").read_text()
+    assert "hand-written reading" in text and "| full_pool |" in text and "| teacher |" in text
+    runner.main(bench, argv[:-2] + ["--report-only"])  # the section is replaced, not appended twice
+    assert (docs / "RESULTS.md").read_text().count("## Tiny") == 1
+    # the fp16 benchmark checkpoint is small and re-scorable with the evaluate command
+    small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot.pt"
+    ckpt = load_checkpoint(small)
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["optimizer"] is None and ckpt["gamma"] == full["gamma"]
+    capsys.readouterr()
+    assert evaluate_cli.main(["--checkpoint", str(small), "--data", str(data), "--out", str(tmp_path / "e.json")]) == 0
+    assert evaluate_cli.main(["--checkpoint", str(out / "full" / "last.pt"), "--data", str(data),
+                              "--out", str(tmp_path / "f.json")]) == 0
+    half, single = (json.loads((tmp_path / n).read_text()) for n in ("e.json", "f.json"))
+    assert half["gamma"] == single["gamma"]
+    assert abs(half["pAcc"] - single["pAcc"]) < 1.0  # fp16 weights: the same model up to rounding

