@@ -16,9 +16,9 @@ from helpers import ROOT
 
 TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
               "clipteacher.runtime.clip_tokenizer", "clipteacher.app.service", "clipteacher.app.ui",
-              "clipteacher.cli.app"]
+              "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict"]
 SCRIPTS = {"clipteacher-train": "train", "clipteacher-eval": "evaluate", "clipteacher-pseudo": "pseudo_labels",
-           "clipteacher-export": "export", "clipteacher-app": "app"}
+           "clipteacher-export": "export", "clipteacher-app": "app", "clipteacher-predict": "predict"}
 
 
 def run_python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -1,0 +1,202 @@
+"""Files on disk for batch prediction (`clipteacher-predict`): inputs, output names, atomic writes, the summary.
+
+Torch-free. The command around it is `clipteacher.cli.predict`; the model side is the app's
+`clipteacher.app.service` (same image loading, same mask PNG).
+
+    paths, notes = collect_inputs(["photos/", "scans/*.png", "one.jpg"], out_dir)
+    stems = output_stems(paths)                  # per path: "<stem>", or "<stem>-<8 hex>" when stems collide
+    atomic_write(out_dir / "x.png", lambda tmp: mask_png(labels, names, colors, tmp))
+    with Summary(out_dir, resume=True) as summary:
+        summary.add({"file": ..., "mask": "x.png", ...})
+
+Rules (README "Batch prediction"):
+- A folder contributes its image files (by suffix, IMAGE_SUFFIXES, any case), not its subfolders
+  and not hidden files (macOS '._x.jpg' resource forks are not images); a pattern with * ? [ ]
+  is expanded (** crosses folders) the same way; a file named explicitly is always tried.
+- Files inside the output folder are never inputs, so a rerun cannot segment its own masks; an
+  input folder that is the output folder is refused (masks could overwrite its images).
+- Masks are named after the image's stem. Stems shared by several inputs (ignoring case, since
+  macOS and Windows file systems do) would overwrite each other, so every input of such a group
+  gets "<stem>-<first 8 hex of blake2b(absolute path)>": stable across runs over the same inputs.
+- A mask is written to a hidden temporary name and renamed into place, so a killed run never
+  leaves a partial mask that `--skip-existing` would count as done.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+SUMMARY = "summary.jsonl"
+PARTIAL = ".partial"  # marks temporary files: ".<name>.<pid>.partial<suffix>"
+_GLOB = re.compile(r"[*?\[]")
+
+
+class InputError(ValueError):
+    """An input argument that names nothing usable (one line)."""
+
+
+def show(text) -> str:
+    """Any path or message as one printable line (control characters and undecodable bytes escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as err:
+        raise InputError(f"{show(folder)}: cannot list the folder ({err.strerror or err})") from None
+    # regular files only (links followed): a FIFO named x.jpg would block the reader forever
+    return sorted(Path(e.path) for e in entries
+                  if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.abspath(path)).parent == folder
+
+
+def collect_inputs(args: list[str], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Input arguments (files, folders, patterns) -> (image paths in argument order, each once; notes).
+
+    Raises InputError when an argument names nothing, or nothing at all is found."""
+    out_dir = Path(os.path.abspath(out_dir))
+    found, notes = [], []
+
+    def folder(path: Path) -> list[Path]:
+        if Path(os.path.abspath(path)) == out_dir:
+            raise InputError(f"{show(path)} is both an input folder and --out; its images could be overwritten "
+                             f"by masks: choose another output folder")
+        return _images_in(path)
+
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found += folder(path)
+        elif path.is_file() or (path.is_symlink() and not path.exists()):  # a broken link fails like a bad file
+            found.append(path)
+        elif path.exists():
+            raise InputError(f"{show(arg)}: not a regular file or folder")
+        elif _GLOB.search(arg):
+            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True))
+            if not matches:
+                raise InputError(f"{show(arg)}: no file matches this pattern")
+            for m in matches:
+                if m.is_dir():
+                    found += folder(m)
+                elif m.suffix.lower() in IMAGE_SUFFIXES and m.is_file():
+                    found.append(m)
+        else:
+            raise InputError(f"{show(arg)}: no such file or folder")
+    unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
+    # keep the spelling the user gave (relative paths stay relative in messages and the summary)
+    spelled = {Path(os.path.abspath(p)): p for p in reversed(found)}
+    paths = [spelled[p] for p in unique if not _inside(p, out_dir)]
+    if len(paths) < len(unique):
+        notes.append(f"{len(unique) - len(paths)} file(s) in the output folder were not taken as inputs")
+    if not paths:
+        raise InputError("no image files found in the inputs (folders contribute "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
+    return paths, notes
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """Per input path, the stem its outputs are named after: the image's stem, or, when several inputs
+    share it (ignoring case), '<stem>-<8 hex of the absolute path>' for each of them."""
+    groups = defaultdict(list)
+    for p in paths:
+        groups[p.stem.lower()].append(p)
+    stems = []
+    for p in paths:
+        if len(groups[p.stem.lower()]) == 1:
+            stems.append(p.stem)
+        else:
+            digest = hashlib.blake2b(os.fsencode(os.path.abspath(p)), digest_size=4).hexdigest()
+            stems.append(f"{p.stem}-{digest}")
+    return stems
+
+
+def atomic_write(path: Path, write, before_rename=None) -> Path:
+    """Call write(tmp) on a hidden temporary file next to `path` (same suffix, so image writers pick the
+    format), then before_rename() if given, then rename it onto `path`: readers see the old file or the
+    whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}{path.suffix}")
+    try:
+        write(tmp)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> int:
+    """Delete temporary files left in out_dir by killed runs (their process is gone). Returns how many."""
+    removed = 0
+    for tmp in Path(out_dir).glob(f".*{PARTIAL}.*"):
+        pid = tmp.name.rsplit(PARTIAL, 1)[0].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class Summary:
+    """DIR/summary.jsonl, one JSON object per image, appended and flushed as each image finishes.
+
+    resume=False starts a new file. resume=True (--skip-existing) keeps the lines of images whose mask
+    is on disk and drops the rest (errors, lines of masks that were never renamed into place), so
+    after any number of resumed runs there is one line per mask plus this run's errors."""
+
+    def __init__(self, out_dir: Path, resume: bool):
+        self.out_dir, self.resume = Path(out_dir), resume
+        self.path = self.out_dir / SUMMARY
+        self._file = None
+
+    def _open(self) -> None:
+        """On the first line: a run that stops before any image (no bundle) leaves the old summary alone."""
+        out_dir, kept = self.out_dir, {}
+        if self.resume and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    item = json.loads(line)
+                    mask = item.get("mask") if isinstance(item, dict) else None
+                except ValueError:  # the half line of a killed run
+                    continue
+                if isinstance(mask, str) and "/" not in mask and (Path(out_dir) / mask).is_file():
+                    kept[mask] = line
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept.values()),
+                                                           encoding="utf-8"))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def add(self, item: dict) -> None:
+        if self._file is None:
+            self._open()
+        self._file.write(json.dumps(item) + "\n")  # ASCII escapes: any file name round-trips
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

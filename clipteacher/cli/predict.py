@@ -1,0 +1,210 @@
+"""Segment image files, folders or patterns into typed class names, on an exported bundle (no torch).
+
+    clipteacher-predict photos/ "scans/**/*.png" one.jpg --names "sky, tree, road" --out masks/
+    python -m clipteacher.cli.predict photos/ --names-file names.txt --out masks/ --overlay --skip-existing
+
+Writes, per image, DIR/<stem>.png: the app's mask download (8-bit palette PNG, pixel = index
+into the names, names as JSON in its 'classes' text chunk); with --overlay also
+DIR/<stem>.overlay.jpg; and DIR/summary.jsonl, one line per image: {"file", "mask", "width",
+"height", "shares", "seconds"[, "notes"]} or {"file", "error"}. Images are read as in the app
+(EXIF orientation applied, sides over 1024 px downscaled, oversized files refused before decoding).
+
+Folders contribute their image files (not subfolders, not hidden files); patterns are expanded
+(** crosses folders); a file named explicitly is always tried. Inputs sharing a stem get
+DIR/<stem>-<8 hex>.png each (summary.jsonl says which is which) instead of overwriting each other.
+--skip-existing skips images whose mask exists (masks are renamed into place when complete, so
+a killed run resumes cleanly). A bad file is reported and skipped; the exit code is 1 if any
+image failed, 2 for bad arguments (one line), 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PRECISIONS = ("fp32", "int8", "fp16")
+OVERLAY_ALPHA = 0.5
+DEVICES = {"auto": None, "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
+
+
+class Fatal(RuntimeError):
+    """Stops the whole run (bad arguments, no bundle): one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="clipteacher-predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or pattern (quote patterns)")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--names", help="class names, separated by commas or new lines")
+    names.add_argument("--names-file", help="text file of class names (commas or one per line)")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--templates", action="append", metavar="TEMPLATE",
+                   help="prompt template with one {} for the name, e.g. 'a photo of a {}.'; repeat for several "
+                        "(default: the bundle's)")
+    p.add_argument("--gamma", help="unseen bias for names outside the training vocabulary (default: the bundle's)")
+    p.add_argument("--bundle", help="exported bundle folder (default: bundles/msrc21, built on first use)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="student graph (must be in the bundle)")
+    p.add_argument("--device", default="auto", choices=list(DEVICES),
+                   help="onnxruntime provider: auto = CUDA when usable, else CPU")
+    p.add_argument("--overlay", action="store_true", help="also write DIR/<stem>.overlay.jpg")
+    p.add_argument("--skip-existing", action="store_true", help="skip images whose mask is already in DIR")
+    return p
+
+
+def read_names_file(path: str) -> str:
+    """The text of a names file, read no further than parse_names accepts (a huge file is refused unread)."""
+    from clipteacher.app.service import MAX_CLASSES, MAX_NAME_CHARS
+
+    limit = MAX_CLASSES * (MAX_NAME_CHARS + 2)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(limit + 1)
+    except (OSError, UnicodeDecodeError) as err:
+        from clipteacher.batch import show
+
+        raise Fatal(f"--names-file {show(path)}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def open_service(args):
+    """The app's Service on the bundle (the default bundle is built on first use), with the names embedded."""
+    from clipteacher.app.service import Service
+    from clipteacher.cli.app import StartupError, resolve_bundle
+    from clipteacher.runtime import Bundle
+
+    try:
+        bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, providers=DEVICES[args.device],
+                        verbose=False)
+    except (StartupError, FileNotFoundError, ValueError) as err:
+        raise Fatal(str(err)) from None
+    if args.device == "cuda" and bundle.provider != "CUDAExecutionProvider":
+        raise Fatal("--device cuda: onnxruntime cannot use CUDA on this machine (use --device cpu or auto)")
+    try:
+        bundle.embed_text(args.name_list, args.template_list)  # once, before the first image
+    except ValueError as err:
+        raise Fatal(str(err)) from None
+    return Service(bundle, cache_images=0)  # every image is new: keep no image passes
+
+
+def segment_file(get_service, path: Path, stem: str, out: Path, args, summary) -> dict:
+    """Segment one image and write its files. The summary line is added before the mask is renamed into
+    place: a kill in between leaves a line without a mask, which a resumed run drops and redoes."""
+    from PIL import Image
+
+    from clipteacher.app.service import load_image, mask_png
+    from clipteacher.batch import atomic_write
+    from clipteacher.pseudo.vis import overlay
+
+    start = time.perf_counter()
+    image, notes = load_image(path)
+    decoded = time.perf_counter() - start
+    service = get_service()  # the first decodable image loads the model; that time is not this image's
+    start = time.perf_counter() - decoded
+    seg = service.segment(image, args.names_text, args.templates_text, args.gamma)
+    if args.overlay:
+        picture = Image.fromarray(overlay(image, seg.labels, OVERLAY_ALPHA, seg.colors))
+        atomic_write(out / f"{stem}.overlay.jpg", lambda tmp: picture.save(tmp, quality=90))
+    item = {"file": str(path), "mask": f"{stem}.png", "width": image.shape[1], "height": image.shape[0],
+            "shares": {k: round(v, 6) for k, v in seg.shares.items()}}
+    if notes:
+        item["notes"] = notes
+
+    def commit():
+        item["seconds"] = round(time.perf_counter() - start, 4)
+        summary.add(item)
+
+    atomic_write(out / f"{stem}.png", lambda tmp: mask_png(seg.labels, seg.names, seg.colors, tmp), commit)
+    return item
+
+
+def run(args, paths: list[Path], out: Path, make_service) -> dict:
+    """Segment `paths` into `out`; returns counts {done, skipped, failed}. The service is made on the first
+    image that decodes, so a run with nothing to do never loads the model."""
+    from tqdm import tqdm
+
+    from clipteacher.app.service import UserError
+    from clipteacher.batch import Summary, output_stems, remove_stale_partials, show
+
+    stems = output_stems(paths)
+    remove_stale_partials(out)
+    todo = [(p, s) for p, s in zip(paths, stems) if not (args.skip_existing and (out / f"{s}.png").is_file())]
+    counts = {"done": 0, "skipped": len(paths) - len(todo), "failed": 0}
+    shared = sum(s != p.stem for p, s in zip(paths, stems))
+    if shared:
+        tqdm.write(f"note: {shared} inputs share a stem with another; their masks are <stem>-<8 hex>.png "
+                   f"(summary.jsonl maps files to masks)", sys.stderr)
+    service = []
+
+    def get_service():
+        if not service:
+            service.append(make_service())
+        return service[0]
+
+    with Summary(out, resume=args.skip_existing) as summary:
+        for path, stem in tqdm(todo, unit="img", file=sys.stderr, disable=None, smoothing=0.1):
+            try:
+                segment_file(get_service, path, stem, out, args, summary)
+                counts["done"] += 1
+                continue
+            except Fatal:
+                raise
+            except UserError as err:
+                message = str(err)
+            except OSError as err:  # writing the outputs
+                message = f"cannot write the outputs: {err.strerror or err}"
+            except MemoryError:
+                message = "out of memory for this image"
+            except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
+                message = f"internal error ({type(err).__name__}: {err})"
+            counts["failed"] += 1
+            summary.add({"file": str(path), "error": message})
+            tqdm.write(f"error: {show(path)}: {show(message)}", sys.stderr)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from clipteacher.app.service import UserError, parse_gamma, parse_names, parse_templates
+    from clipteacher.batch import InputError, collect_inputs, show
+
+    try:
+        names_text = args.names if args.names is not None else read_names_file(args.names_file)
+        args.name_list, name_notes = parse_names(names_text)
+        args.names_text = names_text
+        args.templates_text = "\n".join(args.templates or [])
+        args.template_list = parse_templates(args.templates_text)
+        args.gamma = parse_gamma(args.gamma)
+        out = Path(args.out)
+        paths, notes = collect_inputs(args.inputs, out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (Fatal, UserError, InputError) as err:
+        print(f"error: {show(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: --out {show(args.out)}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    for note in name_notes + notes:
+        print(f"note: {show(note)}", file=sys.stderr)
+
+    start = time.perf_counter()
+    try:
+        counts = run(args, paths, out, lambda: open_service(args))
+    except Fatal as err:
+        print(f"error: {show(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --skip-existing to continue where it stopped", file=sys.stderr)
+        return 130
+    print(f"{counts['done']} segmented, {counts['skipped']} skipped (mask exists), {counts['failed']} failed "
+          f"in {time.perf_counter() - start:.1f} s -> {show(out)} (summary.jsonl)")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
