@@ -30,3 +30,28 @@ def test_missing_config_file(tmp_path):
 def test_shipped_configs_load():
     for name in ["msrc21", "siftflow", "default_model", "voc", "coco_stuff", "context"]:
         load_config(f"training/configs/{name}.yaml")
+
+
+@pytest.mark.parametrize("argv", [["--resume", "train.out_dir=OUT", "train.iters=7"],
+                                  ["train.out_dir=OUT", "--resume", "train.iters=7"],
+                                  ["--resume", "train.iters=7", "train.out_dir=OUT"]])
+def test_resume_without_a_path_keeps_the_overrides_after_it(argv, tmp_path, monkeypatch):
+    import clipteacher.train.engine as engine
+    from clipteacher.cli.train import main
+
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda cfg, resume, verbose: seen.update(cfg=cfg, resume=resume) or {})
+    out = str(tmp_path / "run")
+    assert main([a.replace("OUT", out) for a in argv]) == 0
+    assert seen["resume"] == "auto" and seen["cfg"].train.out_dir == out and seen["cfg"].train.iters == 7
+
+
+def test_resume_with_a_checkpoint_path(tmp_path, monkeypatch):
+    import clipteacher.train.engine as engine
+    from clipteacher.cli.train import main
+
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda cfg, resume, verbose: seen.update(resume=resume) or {})
+    ckpt = tmp_path / "a=b.pt"  # an existing file whose name has '=' stays a checkpoint
+    ckpt.write_bytes(b"")
+    assert main(["--resume", str(ckpt), "train.iters=3"]) == 0 and seen["resume"] == str(ckpt)

@@ -10,6 +10,7 @@ before any training starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from clipteacher.train.config import ConfigError, load_config
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                              "teacher.clip_pretrained=random when the CLIP weights are not on this machine)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.iters=200")
     args = parser.parse_args(argv)
+    if args.resume not in (None, "auto") and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume key=value`: argparse hands the optional value the first override
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     try:
         cfg = load_config(args.config, args.overrides)
         from clipteacher.train.engine import dry_run, train  # heavy imports after the config is known to be valid
