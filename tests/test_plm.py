@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ from clipteacher.train.config import PLMConfig, TeacherConfig
 from clipteacher.train.data import to_tensor
 from clipteacher.train.datasets import SegmentationFolder
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels, region_means
-from clipteacher.train.teacher_cache import TeacherCache
+from clipteacher.train.teacher_cache import TeacherCache, data_signature
 from clipteacher.models.teachers import build_teacher
 
 
@@ -119,3 +120,28 @@ def test_stale_cache_is_rebuilt(tiny_data, tmp_path, capsys):
     cache = TeacherCache(tmp_path / "c", t64, folder, verbose=True)
     assert "stale" in capsys.readouterr().out
     assert cache.dense.shape[-1] == 8
+
+
+def test_cache_survives_copied_data_and_notices_changed_bytes(tiny_data, tmp_path):
+    folder = SegmentationFolder(tiny_data, "train")
+    before = data_signature(folder)
+    for i in range(len(folder)):  # data copied to a new machine: same bytes, new modification times
+        os.utime(folder.image_path(i), (1, 1))
+    assert data_signature(folder) == before
+    path = folder.image_path(0)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # same size, one byte different
+    path.write_bytes(bytes(data))
+    assert data_signature(folder) != before
+
+
+def test_stale_cache_behind_a_symlink_is_rebuilt_in_place(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    folder = SegmentationFolder(tiny_data, "train")
+    t32 = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=32))
+    TeacherCache(tmp_path / "shared", t32, folder, verbose=False)
+    (tmp_path / "link").symlink_to(tmp_path / "shared")
+    t64 = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=64))
+    cache = TeacherCache(tmp_path / "link", t64, folder, verbose=False)
+    assert cache.dense.shape[-1] == 8
+    assert TeacherCache(tmp_path / "shared", t64, folder, verbose=False).dense.shape[-1] == 8

@@ -22,12 +22,16 @@ from clipteacher.train.datasets import SegmentationFolder
 
 
 def data_signature(folder: SegmentationFolder) -> str:
-    """Hash of the image list with sizes and modification times: changes when the data changes."""
+    """Hash of the image ids and the images' bytes: changes when the data changes.
+
+    Contents rather than modification times, so data copied or re-provisioned elsewhere keeps its
+    cache; reading every image once per start costs far less than rebuilding the cache."""
     h = hashlib.sha1()
     for i in range(len(folder)):
-        p = folder.image_path(i)
-        st = p.stat()
-        h.update(f"{folder.ids[i]}:{st.st_size}:{int(st.st_mtime)};".encode())
+        h.update(f"{folder.ids[i]};".encode())
+        with open(folder.image_path(i), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -35,7 +39,8 @@ class TeacherCache:
     """cls: N x D and dense: N x D x h x w float16 arrays in `root`, with a meta.json that names what made them."""
 
     def __init__(self, root: str | Path, teacher, folder: SegmentationFolder, batch_size: int = 8, verbose: bool = True):
-        self.root = Path(root)
+        # A symlinked cache is shared on purpose: a rebuild replaces the folder it points to.
+        self.root = Path(root).resolve() if Path(root).is_symlink() else Path(root)
         self.meta = {"teacher": teacher.fingerprint(), "input_size": teacher.input_size,
                      "data": data_signature(folder), "count": len(folder)}
         if not self._fresh():
