@@ -174,6 +174,10 @@ def test_shared_stems_get_distinct_masks(bundle_dir, tmp_path, capsys):
         assert masks[str(path)].startswith(path.stem + "-") and (out / masks[str(path)]).is_file()
     # stable: the same inputs get the same names again
     assert batch.output_stems([a, b, c, solo]) == [Path(masks[str(p)]).stem for p in (a, b, c, solo)]
+    named_like_a_hash = tmp_path / "c" / f"{batch.output_stems([a, b])[0]}.jpg"
+    named_like_a_hash.write_bytes(a.read_bytes())
+    with pytest.raises(batch.InputError, match="rename one"):
+        batch.output_stems([a, b, named_like_a_hash])
 
 
 def test_patterns_and_folders(tmp_path):

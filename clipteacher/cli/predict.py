@@ -123,15 +123,14 @@ def segment_file(get_service, path: Path, stem: str, out: Path, args, summary) -
     return item
 
 
-def run(args, paths: list[Path], out: Path, make_service) -> dict:
-    """Segment `paths` into `out`; returns counts {done, skipped, failed}. The service is made on the first
-    image that decodes, so a run with nothing to do never loads the model."""
+def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> dict:
+    """Segment `paths` into `out`, as out/<stem>.png; returns counts {done, skipped, failed}. The service is
+    made on the first image that decodes, so a run with nothing to do never loads the model."""
     from tqdm import tqdm
 
     from clipteacher.app.service import UserError
-    from clipteacher.batch import Summary, output_stems, remove_stale_partials, show
+    from clipteacher.batch import Summary, remove_stale_partials, show
 
-    stems = output_stems(paths)
     remove_stale_partials(out)
     todo = [(p, s) for p, s in zip(paths, stems) if not (args.skip_existing and (out / f"{s}.png").is_file())]
     counts = {"done": 0, "skipped": len(paths) - len(todo), "failed": 0}
@@ -171,7 +170,7 @@ def run(args, paths: list[Path], out: Path, make_service) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clipteacher.app.service import UserError, parse_gamma, parse_names, parse_templates
-    from clipteacher.batch import InputError, collect_inputs, show
+    from clipteacher.batch import InputError, collect_inputs, output_stems, show
 
     try:
         names_text = args.names if args.names is not None else read_names_file(args.names_file)
@@ -182,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gamma = parse_gamma(args.gamma)
         out = Path(args.out)
         paths, notes = collect_inputs(args.inputs, out)
+        stems = output_stems(paths)
         out.mkdir(parents=True, exist_ok=True)
     except (Fatal, UserError, InputError) as err:
         print(f"error: {show(err)}", file=sys.stderr)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        counts = run(args, paths, out, lambda: open_service(args))
+        counts = run(args, paths, stems, out, lambda: open_service(args))
     except Fatal as err:
         print(f"error: {show(err)}", file=sys.stderr)
         return 2
