@@ -1,15 +1,15 @@
-"""Throughput of clipteacher-predict on real images, and whether batching same-size images would help.
+"""Throughput of clipteacher-predict on real images, one image per student run against batches.
 
     python bench/predict.py                               # 200 SIFT Flow val images, the default bundle
     python bench/predict.py --images 100 --bundle bundles/msrc21 --precision int8
 
 Rows:
-  clipteacher-predict    images/s of the whole command (reading, student, classifier, mask PNG, summary
-                         line) over --images files, model loading excluded (it is timed on its own)
-  student batch B        ms per image of the student graph alone on B same-size images stacked into one
-                         run, B = 1, 2, 4, 8; rounds interleave the batch sizes so load from other jobs on
-                         this machine hits every size alike. clipteacher-predict runs one image at a time:
-                         batching is only worth adding where these rows show it is faster.
+  clipteacher-predict --batch B   images/s of the whole command (reading, student, classifier, mask PNG,
+                                  summary line) over --images files, from the summary's per-image seconds
+                                  (model loading excluded; it is timed on its own), B = 1 and 8; the two
+                                  alternate for --command-rounds rounds so load from other jobs hits both alike
+  student batch B                 ms per image of the student graph alone (Bundle.batch_features) on B
+                                  same-size images, B = 1, 2, 4, 8, rounds interleaved the same way
 Images: SIFT Flow val (256 x 256, all one size); random images when the data is not on this machine.
 """
 from __future__ import annotations
@@ -48,30 +48,29 @@ def inputs(n: int, work: Path) -> tuple[Path, str]:
 
 def batch_rows(bundle, folder: Path, rounds: int) -> list[tuple[int, float]]:
     """(B, median ms per image) of the student graph on B stacked same-size images."""
-    import onnxruntime as ort
-
     from clipteacher.app.service import load_image
-    from clipteacher.io import resize_short
-    from clipteacher.runtime.bundle import to_input
 
-    sess = ort.InferenceSession(str(bundle.folder / bundle.meta["files"][bundle_key(bundle)]),
-                                providers=[bundle.provider])
-    xs = [to_input(resize_short(load_image(p)[0], bundle.eval_size)) for p in sorted(folder.iterdir())[:8]]
-    xs = [x for x in xs if x.shape == xs[0].shape]
-    sizes = [b for b in (1, 2, 4, 8) if b <= len(xs)]
+    images = [load_image(p)[0] for p in sorted(folder.iterdir())[:8]]
+    images = [x for x in images if x.shape == images[0].shape]
+    sizes = [b for b in (1, 2, 4, 8) if b <= len(images)]
     times = {b: [] for b in sizes}
-    sess.run(None, {"image": np.concatenate(xs[: sizes[-1]])})  # warm-up
+    bundle.batch_features(images[: sizes[-1]])  # warm-up
     for _ in range(rounds):
         for b in sizes:
-            batch = np.concatenate(xs[:b])
             t = time.perf_counter()
-            sess.run(None, {"image": batch})
+            bundle.batch_features(images[:b])
             times[b].append(1000 * (time.perf_counter() - t) / b)
     return [(b, statistics.median(times[b])) for b in sizes]
 
 
-def bundle_key(bundle) -> str:
-    return {"fp32": "student", "int8": "student_int8", "fp16": "student_fp16"}[bundle.precision]
+def command_run(predict, folder: Path, out: Path, bundle_dir, precision: str, batch: int) -> tuple[float, int, int]:
+    """(sum of per-image seconds, images done, exit code) of one clipteacher-predict run into a fresh `out`."""
+    shutil.rmtree(out, ignore_errors=True)
+    code = predict.main([str(folder), "--names", NAMES, "--out", str(out), "--bundle", str(bundle_dir),
+                         "--precision", precision, "--batch", str(batch)])
+    lines = [json.loads(x) for x in (out / "summary.jsonl").read_text().splitlines()]
+    done = [x for x in lines if "mask" in x]
+    return sum(x["seconds"] for x in done), len(done), code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200, help="how many images to segment")
     parser.add_argument("--bundle", help="bundle folder (default: bundles/msrc21, built on first use)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
-    parser.add_argument("--rounds", type=int, default=20, help="rounds of the batching comparison")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of the student-graph comparison")
+    parser.add_argument("--command-rounds", type=int, default=3, help="runs of the command per batch size")
     args = parser.parse_args(argv)
 
     from clipteacher.cli import predict
@@ -93,21 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         bundle = Bundle(bundle_dir, precision=args.precision, verbose=False)
         load_s = time.perf_counter() - t
-        t = time.perf_counter()
-        code = predict.main([str(folder), "--names", NAMES, "--out", str(work / "out"), "--bundle", str(bundle_dir),
-                             "--precision", args.precision])
-        wall = time.perf_counter() - t
-        lines = [json.loads(x) for x in (work / "out" / "summary.jsonl").read_text().splitlines()]
-        done = [x for x in lines if "mask" in x]
-        per_image = sum(x["seconds"] for x in done)
+        per = {1: [], 8: []}
+        for _ in range(args.command_rounds):
+            for b in per:
+                per[b].append(command_run(predict, folder, work / "out", bundle_dir, args.precision, b))
         print(f"\n{what}, bundle {bundle_dir}, {args.precision} student on {bundle.provider}, "
-              f"{len(NAMES.split(','))} class names")
-        print(f"  clipteacher-predict   {len(done) / per_image:7.1f} images/s  ({1000 * per_image / len(done):.1f} ms "
-              f"per image; whole command {len(done) / wall:.1f} images/s incl. {wall - per_image:.1f} s start-up, "
-              f"model load alone {load_s:.1f} s; exit code {code})")
+              f"{len(NAMES.split(','))} class names, model load alone {load_s:.1f} s")
+        rate = {b: statistics.median(n / s for s, n, _ in runs) for b, runs in per.items()}
+        for b, runs in per.items():
+            print(f"  clipteacher-predict --batch {b}   {rate[b]:7.1f} images/s  ({1000 / rate[b]:.1f} ms per image, "
+                  f"median of {len(runs)} runs; {rate[b] / rate[1]:.2f}x --batch 1; exit codes "
+                  f"{sorted({c for *_, c in runs})})")
         rows = batch_rows(bundle, folder, args.rounds)
         for b, ms in rows:
-            print(f"  student batch {b}       {ms:7.1f} ms/image  ({rows[0][1] / ms:.2f}x batch 1)")
+            print(f"  student batch {b}                 {ms:7.1f} ms/image  ({rows[0][1] / ms:.2f}x batch 1)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -302,13 +302,14 @@ class Service:
     # --------------------------------------------------------------- the three tabs
 
     def segment(self, image: np.ndarray, names_text: str, templates_text: str | None = None,
-                gamma: float | None = None) -> Segmentation:
+                gamma: float | None = None, features: np.ndarray | None = None) -> Segmentation:
+        """`features` (1 x D x h x w): the student's output for `image` when the caller batched it."""
         start = time.perf_counter()
         names, notes = parse_names(names_text)
         templates = parse_templates(templates_text)
         gamma = parse_gamma(gamma)
         gamma = self.bundle.gamma if gamma is None else gamma
-        features, cached = self.features(image)
+        features, cached = (features, False) if features is not None else self.features(image)
         text = self._text(names, templates)
         unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         labels, logits = self.bundle.classify(features, text, self.bundle.unseen_bias(names, gamma), image.shape[:2])
