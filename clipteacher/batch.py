@@ -56,15 +56,16 @@ def _images_in(folder: Path) -> list[Path]:
                   if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file())
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return Path(os.path.abspath(path)).parent == folder
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and Path(os.path.abspath(path)).parent == folder
 
 
-def collect_inputs(args: list[str], out_dir: Path) -> tuple[list[Path], list[str]]:
+def collect_inputs(args: list[str], out_dir: Path | None) -> tuple[list[Path], list[str]]:
     """Input arguments (files, folders, patterns) -> (image paths in argument order, each once; notes).
+    out_dir: the output folder, whose files are never inputs (None: no output folder).
 
     Raises InputError when an argument names nothing, or nothing at all is found."""
-    out_dir = Path(os.path.abspath(out_dir))
+    out_dir = Path(os.path.abspath(out_dir)) if out_dir is not None else None
     found, notes = [], []
 
     def folder(path: Path) -> list[Path]:
@@ -106,17 +107,20 @@ def collect_inputs(args: list[str], out_dir: Path) -> tuple[list[Path], list[str
 
 def output_stems(paths: list[Path]) -> list[str]:
     """Per input path, the stem its outputs are named after: the image's stem, or, when several inputs
-    share it (ignoring case), '<stem>-<8 hex of the absolute path>' for each of them."""
+    share it (ignoring case), '<stem>-<8 hex of the absolute path>' for each of them. Raises InputError
+    if names still clash."""
     groups = defaultdict(list)
     for p in paths:
-        groups[p.stem.lower()].append(p)
+        groups[p.stem.casefold()].append(p)
     stems = []
     for p in paths:
-        if len(groups[p.stem.lower()]) == 1:
+        if len(groups[p.stem.casefold()]) == 1:
             stems.append(p.stem)
         else:
             digest = hashlib.blake2b(os.fsencode(os.path.abspath(p)), digest_size=4).hexdigest()
             stems.append(f"{p.stem}-{digest}")
+    if len({s.casefold() for s in stems}) < len(stems):  # an image literally named like another's '<stem>-<hex>'
+        raise InputError("two inputs would write the same mask name even with their path hash; rename one")
     return stems
 
 

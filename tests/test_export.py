@@ -202,6 +202,56 @@ def test_int8_and_fp16_students(clip):
         Bundle(clip["dir"], precision="int4", verify=False, verbose=False)
 
 
+def test_int8_quantises_only_the_head_convolutions_and_says_how(clip):
+    """Every convolution outside INT8_MODULES keeps float weights; the ReLU between fuse and embed is folded
+    into the quantised fuse (its range is the activation's, docs/DESIGN.md#int8-student)."""
+    import onnx
+
+    from clipteacher.export.bundle import INT8_MODULES
+
+    graph = onnx.load(str(clip["dir"] / "student.int8.onnx")).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantised = {n.name for n in convs if n.input[1] in made_by and made_by[n.input[1]].op_type == "DequantizeLinear"}
+    assert quantised and all(name.startswith(INT8_MODULES) for name in quantised)
+    assert {n.name for n in convs if n.name.startswith(INT8_MODULES)} == quantised
+    assert len(quantised) < len(convs)
+    notes = json.loads((clip["dir"] / "bundle.json").read_text())["notes"]["int8"]
+    assert sorted(notes["quantised"]) == sorted(quantised)
+    assert "split train" in notes["calibration"] or "random" in notes["calibration"]
+
+
+def test_calibration_images_from_sources_dataset_or_random(tmp_path):
+    from PIL import Image
+
+    from clipteacher.export.bundle import calibration_images
+
+    cfg = Config()
+    cfg.data.eval_size, cfg.data.root = 32, str(tmp_path / "no_dataset")
+    images, origin = calibration_images(cfg, 3, log=lambda *_: None)
+    assert len(images) == 3 and "random" in origin and all(x.shape == (1, 3, 32, 32) for x in images)
+    for i, size in enumerate([(40, 60), (50, 50), (64, 48)]):
+        Image.fromarray(np.full((*size, 3), 40 * i, np.uint8)).save(tmp_path / f"c{i}.png")
+    images, origin = calibration_images(cfg, 2, [str(tmp_path / "*.png")], log=lambda *_: None)
+    assert len(images) == 2 and str(tmp_path) in origin
+    assert images[1].max() == pytest.approx(80 / 255)  # evenly spaced: the first and the last of three
+    assert all(x.shape == (1, 3, 32, 32) and x.dtype == np.float32 for x in images)
+    (tmp_path / "c1.png").write_text("not an image")
+    with pytest.raises(ValueError, match="--calibration") as err:  # given images must be usable
+        calibration_images(cfg, 3, [str(tmp_path)], log=lambda *_: None)
+    assert "\n" not in str(err.value)
+
+
+def test_calibration_flags_need_int8(conse, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--checkpoint", str(conse["ckpt"]), "--out", str(tmp_path / "b"), "--calibration", str(tmp_path)])
+    assert exit_.value.code == 2 and "--int8" in capsys.readouterr().err
+    code, lines = run_cli(["--checkpoint", str(conse["ckpt"]), "--out", str(tmp_path / "b"), "--int8",
+                           "--calibration", str(tmp_path / "missing")], capsys)
+    errors = [line for line in lines if not line.startswith("Loading weights")]  # the teacher's own progress bar
+    assert code == 2 and len(errors) == 1 and "--calibration" in errors[0] and not (tmp_path / "b").exists()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -90,6 +90,42 @@ def test_masks_are_the_apps_download_and_summary_matches_them(bundle_dir, tmp_pa
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_same_size_images_share_a_student_run(bundle_dir, tmp_path, monkeypatch):
+    write_images(tmp_path / "in", 3, size=(48, 64), prefix="a")
+    write_images(tmp_path / "in", 2, seed=1, size=(40, 40), prefix="b")
+    (tmp_path / "in" / "a9.jpg").write_text("not an image")
+    runs = []
+    real = Bundle.batch_features
+    monkeypatch.setattr(Bundle, "batch_features", lambda self, images, size=None: runs.append(len(images))
+                        or real(self, images, size))
+    masks = {}
+    for b in ("8", "1"):
+        runs.clear()
+        out = tmp_path / f"out{b}"
+        assert run_cli(tmp_path / "in", "--names", NAMES, "--out", out, "--batch", b, bundle=bundle_dir) == 1
+        masks[b] = {p.name: read_mask(p)[0] for p in out.glob("*.png")}
+        assert sorted(runs) == ([2, 3] if b == "8" else [1] * 5)
+        assert len(summary(out)) == 6
+    assert masks["8"].keys() == masks["1"].keys() and len(masks["8"]) == 5
+    for name, mask in masks["8"].items():
+        assert (mask == masks["1"][name]).mean() > 0.99
+
+
+def test_a_failing_batch_is_retried_image_by_image(bundle_dir, tmp_path, monkeypatch):
+    write_images(tmp_path / "in", 3)
+    real = Bundle.batch_features
+
+    def one_at_a_time(self, images, size=None):
+        if len(images) > 1:
+            raise MemoryError
+        return real(self, images, size)
+
+    monkeypatch.setattr(Bundle, "batch_features", one_at_a_time)
+    out = tmp_path / "out"
+    assert run_cli(tmp_path / "in", "--names", NAMES, "--out", out, bundle=bundle_dir) == 0
+    assert len(list(out.glob("*.png"))) == 3 and all("error" not in item for item in summary(out))
+
+
 def test_skip_existing_does_no_work_and_keeps_one_line_per_image(bundle_dir, tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "in", 3)
     (tmp_path / "in" / "bad.jpg").write_bytes(b"\x00" * 10)
@@ -174,6 +210,10 @@ def test_shared_stems_get_distinct_masks(bundle_dir, tmp_path, capsys):
         assert masks[str(path)].startswith(path.stem + "-") and (out / masks[str(path)]).is_file()
     # stable: the same inputs get the same names again
     assert batch.output_stems([a, b, c, solo]) == [Path(masks[str(p)]).stem for p in (a, b, c, solo)]
+    named_like_a_hash = tmp_path / "c" / f"{batch.output_stems([a, b])[0]}.jpg"
+    named_like_a_hash.write_bytes(a.read_bytes())
+    with pytest.raises(batch.InputError, match="rename one"):
+        batch.output_stems([a, b, named_like_a_hash])
 
 
 def test_patterns_and_folders(tmp_path):
@@ -236,6 +276,7 @@ def test_odd_file_names_stay_one_line(bundle_dir, tmp_path, capsys):
     (["{in}", "--names", "a", "--out", "{out}", "--bundle", "{in}"], "not a bundle folder"),
     (["{in}", "--names", "a", "--out", "{out}", "--precision", "int8", "--bundle", "{bundle}"], "precision 'int8'"),
     (["{in}", "--names", "a", "--out", "{out}", "--precision", "fp64"], "invalid choice"),
+    (["{in}", "--names", "a", "--out", "{out}", "--batch", "0"], "--batch"),
 ])
 def test_bad_arguments_are_one_line(bundle_dir, tmp_path, capsys, args, message):
     write_images(tmp_path / "in", 1)

@@ -321,14 +321,18 @@ class Service:
     # --------------------------------------------------------------- the three tabs
 
     def segment(self, image: np.ndarray, names_text: str, templates_text: str | None = None,
-                gamma: float | None = None, cache: bool = True) -> Segmentation:
-        """cache=False for video frames: every frame differs, and keeping them would push out the uploads."""
+                gamma: float | None = None, cache: bool = True, features: np.ndarray | None = None) -> Segmentation:
+        """cache=False for video frames: every frame differs, and keeping them would push out the uploads.
+        `features` (1 x D x h x w): the student's output for `image` when the caller batched it."""
         start = time.perf_counter()
         names, notes = parse_names(names_text)
         templates = parse_templates(templates_text)
         gamma = parse_gamma(gamma)
         gamma = self.bundle.gamma if gamma is None else gamma
-        features, cached = self.features(image) if cache else (self.bundle.image_features(image), False)
+        if features is not None or not cache:
+            features, cached = (features if features is not None else self.bundle.image_features(image)), False
+        else:
+            features, cached = self.features(image)
         text = self._text(names, templates)
         unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         labels, logits = self.bundle.classify(features, text, self.bundle.unseen_bias(names, gamma), image.shape[:2])

@@ -1,6 +1,11 @@
 """Export a trained checkpoint to an ONNX bundle for the app (`clipteacher.runtime.Bundle` loads it).
 
     clipteacher-export --checkpoint runs/msrc21/last.pt --out bundles/msrc21 [--int8] [--fp16]
+    clipteacher-export --checkpoint runs/msrc21/last.pt --out bundles/msrc21 --int8 --calibration photos/
+
+--int8 calibrates on the checkpoint's training split by default (random images when it is not on
+this machine; bundle.json's notes say which) and keeps all but two head layers in fp32
+(docs/DESIGN.md#int8-student).
 
 Bad input (missing or foreign checkpoint, existing output folder, unknown teacher kind,
 teacher weights not on this machine) stops with one line and leaves nothing behind.
@@ -16,16 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (last.pt)")
     parser.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     parser.add_argument("--int8", action="store_true", help="also write student.int8.onnx (static int8, CPU)")
+    parser.add_argument("--calibration", nargs="+", metavar="IMAGES",
+                        help="int8 calibration images: files, folders or patterns (default: the checkpoint's "
+                             "training split; random images when it is not on this machine)")
+    parser.add_argument("--calibration-images", type=int, metavar="N",
+                        help="int8 calibration: use at most N of them, evenly spaced (default 32)")
     parser.add_argument("--fp16", action="store_true", help="also write student.fp16.onnx (GPU)")
     args = parser.parse_args(argv)
+    if (args.calibration or args.calibration_images is not None) and not args.int8:
+        parser.error("--calibration and --calibration-images apply to --int8 only")
+    if args.calibration_images is not None and args.calibration_images < 1:
+        parser.error("--calibration-images must be at least 1")
 
     from clipteacher.models.weights import WeightsError
     from clipteacher.train.config import ConfigError
 
     try:
-        from clipteacher.export.bundle import export_bundle  # heavy imports (torch, onnx) after argument parsing
+        # heavy imports (torch, onnx) after argument parsing
+        from clipteacher.export.bundle import CALIBRATION_IMAGES, export_bundle
 
-        export_bundle(args.checkpoint, args.out, int8=args.int8, fp16=args.fp16)
+        export_bundle(args.checkpoint, args.out, int8=args.int8, fp16=args.fp16, calibration=args.calibration,
+                      calibration_count=args.calibration_images or CALIBRATION_IMAGES)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")
     p.add_argument("--overlay", action="store_true", help="also write DIR/<stem>.overlay.jpg")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose mask is already in DIR")
+    p.add_argument("--batch", type=int, default=8,
+                   help="images read at a time; those of one size share a run of the student (default 8; "
+                        "1 = one image per run)")
     return p
 
 
@@ -92,21 +95,19 @@ def open_service(args):
     return Service(bundle, cache_images=0)  # every image is new: keep no image passes
 
 
-def segment_file(get_service, path: Path, stem: str, out: Path, args, summary) -> dict:
-    """Segment one image and write its files. The summary line is added before the mask is renamed into
-    place: a kill in between leaves a line without a mask, which a resumed run drops and redoes."""
+def write_outputs(service, path: Path, stem: str, image, notes: list[str], features, seconds: float,
+                  out: Path, args, summary) -> None:
+    """Classify one image whose student features are known and write its files. `seconds`: its share of
+    the work so far (decoding, its part of the batch). The summary line is added before the mask is
+    renamed into place: a kill in between leaves a line without a mask, which a resumed run redoes."""
     from PIL import Image
 
-    from clipteacher.app.service import load_image, mask_png
+    from clipteacher.app.service import mask_png
     from clipteacher.batch import atomic_write
     from clipteacher.pseudo.vis import overlay
 
-    start = time.perf_counter()
-    image, notes = load_image(path)
-    decoded = time.perf_counter() - start
-    service = get_service()  # the first decodable image loads the model; that time is not this image's
-    start = time.perf_counter() - decoded
-    seg = service.segment(image, args.names_text, args.templates_text, args.gamma)
+    start = time.perf_counter() - seconds
+    seg = service.segment(image, args.names_text, args.templates_text, args.gamma, features=features)
     if args.overlay:
         picture = Image.fromarray(overlay(image, seg.labels, OVERLAY_ALPHA, seg.colors))
         atomic_write(out / f"{stem}.overlay.jpg", lambda tmp: picture.save(tmp, quality=90))
@@ -120,18 +121,54 @@ def segment_file(get_service, path: Path, stem: str, out: Path, args, summary) -
         summary.add(item)
 
     atomic_write(out / f"{stem}.png", lambda tmp: mask_png(seg.labels, seg.names, seg.colors, tmp), commit)
-    return item
 
 
-def run(args, paths: list[Path], out: Path, make_service) -> dict:
-    """Segment `paths` into `out`; returns counts {done, skipped, failed}. The service is made on the first
-    image that decodes, so a run with nothing to do never loads the model."""
+def failure(err: BaseException) -> str:
+    """The one-line reason an image failed; Fatal and interrupts are not failures of one image."""
+    from clipteacher.app.service import UserError
+
+    if isinstance(err, (Fatal, KeyboardInterrupt)):
+        raise err
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):  # writing the outputs
+        return f"cannot write the outputs: {err.strerror or err}"
+    if isinstance(err, MemoryError):
+        return "out of memory for this image"
+    return f"internal error ({type(err).__name__}: {err})"
+
+
+def student_passes(service, images: list) -> list:
+    """1 x D x h x w features per image; images of one size share a run of the student (B x 3 x H x W).
+    A batch that fails is retried image by image, so one image's error stays its own (an exception
+    in place of its features)."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(i)
+    features: list = [None] * len(images)
+    for group in by_size.values():
+        try:
+            batch = service.bundle.batch_features([images[i] for i in group])
+            for k, i in enumerate(group):
+                features[i] = batch[k:k + 1]
+        except Exception:  # noqa: BLE001 - retried one by one below, where the error is reported per image
+            for i in group:
+                try:
+                    features[i] = service.bundle.image_features(images[i])
+                except Exception as err:  # noqa: BLE001
+                    features[i] = err
+    return features
+
+
+def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> dict:
+    """Segment `paths` into `out`, as out/<stem>.png, --batch images at a time; returns counts {done,
+    skipped, failed}. The service is made on the first image that decodes, so a run with nothing to do
+    never loads the model."""
     from tqdm import tqdm
 
-    from clipteacher.app.service import UserError
-    from clipteacher.batch import Summary, output_stems, remove_stale_partials, show
+    from clipteacher.app.service import load_image
+    from clipteacher.batch import Summary, remove_stale_partials, show
 
-    stems = output_stems(paths)
     remove_stale_partials(out)
     todo = [(p, s) for p, s in zip(paths, stems) if not (args.skip_existing and (out / f"{s}.png").is_file())]
     counts = {"done": 0, "skipped": len(paths) - len(todo), "failed": 0}
@@ -141,37 +178,47 @@ def run(args, paths: list[Path], out: Path, make_service) -> dict:
                    f"(summary.jsonl maps files to masks)", sys.stderr)
     service = []
 
-    def get_service():
-        if not service:
-            service.append(make_service())
-        return service[0]
+    with Summary(out, resume=args.skip_existing) as summary, \
+            tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None, smoothing=0.1) as bar:
 
-    with Summary(out, resume=args.skip_existing) as summary:
-        for path, stem in tqdm(todo, unit="img", file=sys.stderr, disable=None, smoothing=0.1):
-            try:
-                segment_file(get_service, path, stem, out, args, summary)
-                counts["done"] += 1
-                continue
-            except Fatal:
-                raise
-            except UserError as err:
-                message = str(err)
-            except OSError as err:  # writing the outputs
-                message = f"cannot write the outputs: {err.strerror or err}"
-            except MemoryError:
-                message = "out of memory for this image"
-            except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
-                message = f"internal error ({type(err).__name__}: {err})"
+        def fail(path, err):
+            message = failure(err)
             counts["failed"] += 1
             summary.add({"file": str(path), "error": message})
             tqdm.write(f"error: {show(path)}: {show(message)}", sys.stderr)
+            bar.update()
+
+        for first in range(0, len(todo), args.batch):
+            loaded = []  # (path, stem, image, notes, seconds to decode)
+            for path, stem in todo[first:first + args.batch]:
+                t = time.perf_counter()
+                try:
+                    loaded.append((path, stem, *load_image(path), time.perf_counter() - t))
+                except Exception as err:  # noqa: BLE001 - one bad file must not stop the batch
+                    fail(path, err)
+            if not loaded:
+                continue
+            if not service:  # the first decodable image loads the model; that time is no image's
+                service.append(make_service())
+            t = time.perf_counter()
+            features = student_passes(service[0], [item[2] for item in loaded])
+            share = (time.perf_counter() - t) / len(loaded)
+            for (path, stem, image, notes, decoded), feats in zip(loaded, features):
+                try:
+                    if isinstance(feats, Exception):
+                        raise feats
+                    write_outputs(service[0], path, stem, image, notes, feats, decoded + share, out, args, summary)
+                    counts["done"] += 1
+                    bar.update()
+                except Exception as err:  # noqa: BLE001
+                    fail(path, err)
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clipteacher.app.service import UserError, parse_gamma, parse_names, parse_templates
-    from clipteacher.batch import InputError, collect_inputs, show
+    from clipteacher.batch import InputError, collect_inputs, output_stems, show
 
     try:
         names_text = args.names if args.names is not None else read_names_file(args.names_file)
@@ -180,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         args.templates_text = "\n".join(args.templates or [])
         args.template_list = parse_templates(args.templates_text)
         args.gamma = parse_gamma(args.gamma)
+        if not 1 <= args.batch <= 64:
+            raise Fatal(f"--batch must be between 1 and 64, got {args.batch}")
         out = Path(args.out)
         paths, notes = collect_inputs(args.inputs, out)
+        stems = output_stems(paths)
         out.mkdir(parents=True, exist_ok=True)
     except (Fatal, UserError, InputError) as err:
         print(f"error: {show(err)}", file=sys.stderr)
@@ -194,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        counts = run(args, paths, out, lambda: open_service(args))
+        counts = run(args, paths, stems, out, lambda: open_service(args))
     except Fatal as err:
         print(f"error: {show(err)}", file=sys.stderr)
         return 2

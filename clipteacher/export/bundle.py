@@ -32,7 +32,7 @@ import torch
 
 from clipteacher.export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
 from clipteacher.runtime.bundle import BUNDLE_FORMAT
-from clipteacher.io import resize_short, sha256_file
+from clipteacher.io import read_image_file, resize_short, sha256_file
 from clipteacher.train.checkpoint import save_checkpoint
 from clipteacher.train.config import Config
 from clipteacher.predictor import Segmenter
@@ -40,7 +40,12 @@ from clipteacher.models.student import Student
 from clipteacher.models.teachers import MINILM_MAX_TOKENS, Teacher, build_teacher, minilm_folder
 
 OPSET = 17
-CALIBRATION_IMAGES = 16  # int8 activation ranges come from this many training images
+CALIBRATION_IMAGES = 32  # int8 activation ranges come from this many training images
+CALIBRATION_PERCENTILE = 99.99  # of each activation's values: clips rare outliers, finer steps for the rest
+# The student modules quantised to int8 (node-name prefixes of the exported graph): the head's two 1x1
+# convolutions at stride 4. Every other layer costs more label agreement than it saves time; measured
+# in docs/DESIGN.md#int8-student with bench/int8.py --sweep.
+INT8_MODULES = ("/student/head/fuse/", "/student/head/embed/")
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -91,38 +96,61 @@ def check_teacher(teacher: Teacher, seg: Segmenter, checkpoint: str | Path) -> N
                          f"this machine builds {teacher.fingerprint()}); its text embeddings would not match")
 
 
-def calibration_images(cfg: Config, n: int = CALIBRATION_IMAGES, log=print) -> list[np.ndarray]:
-    """Up to n training images (short side eval_size, centre-cropped square) as 1 x 3 x S x S float [0, 1];
-    random images when the dataset is not on this machine."""
+def calibration_images(cfg: Config, n: int = CALIBRATION_IMAGES, sources: list[str] | None = None,
+                       log=print) -> tuple[list[np.ndarray], str]:
+    """Up to n images for int8 calibration, as 1 x 3 x S x S float [0, 1] (short side S = eval_size,
+    centre-cropped), and where they came from.
+
+    sources: image files, folders or patterns (`clipteacher.batch.collect_inputs`); default the training
+    split of the checkpoint's dataset. When that is not on this machine, random images: for the two
+    head convolutions that are quantised they gave the same agreement with fp32 as real images
+    (docs/DESIGN.md#int8-student), and bundle.json records which was used."""
     size = cfg.data.eval_size
     try:
-        from clipteacher.train.datasets import build_dataset
+        if sources:
+            from clipteacher.batch import collect_inputs
 
-        folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
-        picks = np.linspace(0, len(folder) - 1, min(n, len(folder))).astype(int)
-        images = [resize_short(folder.read_image(int(i)), size) for i in picks]
-    except Exception as err:  # noqa: BLE001 - any missing/broken dataset falls back to random
+            paths, _ = collect_inputs(list(sources), None)
+            picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)
+            images = [resize_short(read_image_file(paths[i]), size) for i in picks]
+            origin = f"{len(images)} images from {', '.join(map(str, sources))}"
+        else:
+            from clipteacher.train.datasets import build_dataset
+
+            folder = build_dataset(cfg.data.kind, cfg.data.root, cfg.data.train_split)
+            picks = np.linspace(0, len(folder) - 1, min(n, len(folder))).astype(int)
+            images = [resize_short(folder.read_image(int(i)), size) for i in picks]
+            origin = f"{len(images)} images of {cfg.data.root} split {cfg.data.train_split}"
+    except Exception as err:  # noqa: BLE001 - a missing/broken dataset falls back; explicit sources do not
+        if sources:
+            raise ValueError(f"--calibration: {err}") from None
         log(f"export: int8 calibration: dataset {cfg.data.root} unavailable ({type(err).__name__}); using random images")
         rng = np.random.default_rng(0)
         images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+        origin = f"{n} random images (dataset {cfg.data.root} was not available)"
     out = []
     for im in images:
         h, w = im.shape[:2]
         y, x = (h - size) // 2, (w - size) // 2
         crop = im[y: y + size, x: x + size]
         out.append(np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0)
-    return out
+    return out, origin
 
 
-def quantize_int8(src: Path, dst: Path, images: list[np.ndarray]) -> None:
-    """Static QDQ int8 (per-channel weights, calibrated activations) of the student for CPU.
+def quantize_int8(src: Path, dst: Path, images: list[np.ndarray], modules: tuple[str, ...] = INT8_MODULES) -> list[str]:
+    """Static QDQ int8 of the student's convolutions under `modules` (ONNX node-name prefixes); all else
+    stays fp32. Returns the names of the quantised convolutions.
 
-    Only full convolutions after the stem are quantised: the shape arithmetic of timm's 'same'
-    padding must stay float (quantising it fixes the padding to the calibration size), and the stem
-    and depthwise convolutions lose the most accuracy for the least time (on a briefly trained
-    MSRC-21 student, int8 features keep cosine ~0.89 to fp32 with them quantised, ~0.99 without).
+    Per-channel int8 weights, uint8 activations with ranges at the CALIBRATION_PERCENTILE of the
+    calibration images. The ReLU / ReLU6 after a quantised convolution is quantised with it, so its
+    output range is the activation's ([0, 6]) rather than the pre-activation's, which is far wider.
+    Why only the head's fuse and embed convolutions: docs/DESIGN.md#int8-student (bench/int8.py --sweep).
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    import contextlib
+    import io
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -133,15 +161,24 @@ def quantize_int8(src: Path, dst: Path, images: list[np.ndarray]) -> None:
             return next(self.items, None)
 
     pre = dst.with_suffix(".pre.onnx")
+    # no symbolic shapes: the shape arithmetic of timm's 'same' padding must stay dynamic
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     model = onnx.load(str(pre))
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    excluded = [convs[0].name] + [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["Conv"],
-                    nodes_to_exclude=excluded)
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith(tuple(modules))]
+    if not convs:
+        raise ValueError(f"int8: no convolution of the student graph is under {', '.join(modules)}")
+    outputs = {o for n in convs for o in n.output}
+    activations = [n.name for n in model.graph.node if n.op_type in ("Relu", "Clip") and n.input[0] in outputs]
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=["Conv", "Relu", "Clip"],
+                        nodes_to_quantize=[n.name for n in convs] + activations,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": CALIBRATION_PERCENTILE})
     pre.unlink()
     onnx.checker.check_model(str(dst))
+    return [n.name for n in convs]
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
@@ -188,12 +225,14 @@ def versions() -> dict:
 
 
 def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str | Path, int8: bool, fp16: bool,
-                 log=print) -> None:
-    """Write every file of the bundle into an existing empty `folder`."""
+                 log=print, calibration: list[str] | None = None, calibration_count: int = CALIBRATION_IMAGES) -> None:
+    """Write every file of the bundle into an existing empty `folder` (calibration: see calibration_images)."""
     cfg, student, dim = seg.cfg, seg.student.cpu().eval(), seg.student.embed_dim
     # Graphs are traced and checked on the CPU; a caller's GPU teacher is copied, not moved under its feet.
     teacher = (teacher if teacher.pixel_mean.device.type == "cpu" else copy.deepcopy(teacher).cpu()).eval()
     files, notes = {}, {}
+    if int8:  # read first: unusable --calibration images stop the export before anything is traced
+        images, origin = calibration_images(cfg, calibration_count, calibration, log=log)
 
     log("export: student.onnx")
     size = cfg.data.eval_size
@@ -244,8 +283,9 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
 
     if int8:
         log("export: student.int8.onnx")
-        quantize_int8(folder / "student.onnx", folder / "student.int8.onnx", calibration_images(cfg, log=log))
+        quantised = quantize_int8(folder / "student.onnx", folder / "student.int8.onnx", images)
         files["student_int8"] = "student.int8.onnx"
+        notes["int8"] = {"calibration": origin, "quantised": quantised, "percentile": CALIBRATION_PERCENTILE}
     if fp16:
         log("export: student.fp16.onnx")
         skipped = convert_fp16(folder / "student.onnx", folder / "student.fp16.onnx")
@@ -285,9 +325,11 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, int8: bool = False, fp16: bool = False,
-                  teacher: Teacher | None = None, log=print) -> Path:
+                  teacher: Teacher | None = None, log=print, calibration: list[str] | None = None,
+                  calibration_count: int = CALIBRATION_IMAGES) -> Path:
     """Checkpoint -> bundle folder `out` (must not exist). `teacher` reuses an already built teacher
-    (checked against the checkpoint's fingerprint). Errors are one line; nothing is left behind on failure."""
+    (checked against the checkpoint's fingerprint). int8 calibration images: `calibration_images`.
+    Errors are one line; nothing is left behind on failure."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"output folder already exists: {out} (choose another --out or remove it)")
@@ -300,7 +342,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, int8: bool = False, f
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        write_bundle(tmp, seg, teacher, checkpoint, int8, fp16, log)
+        write_bundle(tmp, seg, teacher, checkpoint, int8, fp16, log, calibration, calibration_count)
         if out.exists():
             raise FileExistsError(f"output folder appeared during export: {out}")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private

@@ -139,7 +139,13 @@ class Bundle:
 
     def image_features(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
         """H x W x 3 uint8 RGB -> 1 x D x h x w float32 (unnormalised), h, w = resized size / stride."""
-        x = to_input(resize_short(check_image(image), size or self.eval_size))
+        return self.batch_features([image], size)
+
+    def batch_features(self, images: list[np.ndarray], size: int | None = None) -> np.ndarray:
+        """N same-size H x W x 3 uint8 RGB images -> N x D x h x w float32, one run of the student."""
+        if len({check_image(image).shape for image in images}) != 1:
+            raise ValueError("batch_features needs one or more images of one size")
+        x = np.concatenate([to_input(resize_short(image, size or self.eval_size)) for image in images])
         return self._student.run(None, {"image": x})[0]
 
     def classify(self, features: np.ndarray, class_embeddings: np.ndarray, bias: np.ndarray | None = None,
