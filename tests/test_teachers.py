@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +223,27 @@ def test_conse_fingerprint(conse):
     again.topk = 5
     again.input_size = conse.input_size
     assert again.fingerprint() != conse.fingerprint()
+
+
+def test_conse_smoothing_averages_by_feature_affinity(conse):
+    images = torch.rand(1, 3, conse.input_size, conse.input_size)
+    plain = conse(images).dense  # 1 x D x h x w
+    x = (images - conse.pixel_mean) / conse.pixel_std
+    with torch.no_grad():
+        keys = F.normalize(conse.backbone.forward_features(x).flatten(2), dim=1)[0]  # C x N
+    weights = (keys.T @ keys / 0.1).softmax(-1)  # N x N, by hand
+    by_hand = F.normalize(weights @ plain.flatten(2)[0].T, dim=-1).T.reshape(plain.shape)
+    fingerprint = conse.fingerprint()
+    conse.smoothing = 0.1
+    try:
+        smoothed = conse(images).dense
+        assert conse.fingerprint() != fingerprint
+        conse.smoothing = 1e4  # a flat average: every location the same mixture
+        flat = conse(images).dense.flatten(2)
+    finally:
+        conse.smoothing = 0.0
+    assert torch.allclose(smoothed, by_hand, atol=1e-4) and not torch.allclose(smoothed, plain, atol=1e-2)
+    assert torch.allclose(flat, flat[..., :1].expand_as(flat), atol=1e-3)
+    assert conse.fingerprint() == fingerprint
+    with pytest.raises(ValueError, match="conse_smoothing"):
+        ConSETeacher("tf_efficientnet_lite0", smoothing=-1.0)

@@ -341,18 +341,24 @@ class ConSETeacher(Teacher):
     cls:   global-average-pooled features -> classifier -> softmax -> top-k mixture.
     dense: the classifier applied per location of the last feature map (a 1x1 conv)
            -> same mixture per location; stride 32 (448 -> 14 x 14).
+    smoothing > 0: each location's mixture is replaced by an average over all locations, weighted
+           by softmax(cos(feature_i, feature_j) / smoothing) -- MaskCLIP's key smoothing, with the
+           backbone's last features as keys: locations that look alike vote together.
     """
 
     kind = "conse"
 
     def __init__(self, backbone: str = "tf_efficientnet_lite2", topk: int = 10, input_size: int = 448,
-                 templates: Sequence[str] = ("a photo of a {}.",)):
+                 templates: Sequence[str] = ("a photo of a {}.",), smoothing: float = 0.0):
         import timm
         from transformers import AutoTokenizer
 
         super().__init__(input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         if topk < 1:
             raise ValueError(f"teacher.conse_topk must be >= 1, got {topk}")
+        if not smoothing >= 0:
+            raise ValueError(f"teacher.conse_smoothing must be >= 0, got {smoothing}")
+        self.smoothing = float(smoothing)
         self.backbone_name = backbone
         self.topk = int(topk)
         self.templates = tuple(templates)
@@ -378,6 +384,8 @@ class ConSETeacher(Teacher):
 
     def fingerprint(self) -> str:
         parts = ["conse", self.backbone_name, str(self.topk), str(self.input_size), *self.templates]
+        if self.smoothing:  # absent when off, so caches made before the option stay valid
+            parts.append(f"smoothing={self.smoothing}")
         head = self.backbone.get_classifier()
         first = next(self.backbone.parameters())
         words = self.text_encoder.model.get_input_embeddings().weight[:64]
@@ -395,6 +403,10 @@ class ConSETeacher(Teacher):
         head = self.backbone.get_classifier()
         cls = self._mixture(head(feats.mean((2, 3))))
         dense = self._mixture(F.linear(feats.permute(0, 2, 3, 1), head.weight, head.bias))  # B x h x w x D
+        if self.smoothing:
+            keys = F.normalize(feats.flatten(2), dim=1)  # B x C x N
+            weights = (keys.transpose(1, 2) @ keys / self.smoothing).softmax(-1)  # B x N x N
+            dense = F.normalize(weights @ dense.flatten(1, 2), dim=-1).view_as(dense)
         return TeacherOutput(cls=cls, dense=dense.permute(0, 3, 1, 2).contiguous())
 
 
@@ -405,5 +417,5 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     if cfg.kind == "clip":
         return ClipTeacher(cfg.clip_model, cfg.clip_pretrained, cfg.input_size, cfg.clip_config)
     if cfg.kind == "conse":
-        return ConSETeacher(cfg.conse_backbone, cfg.conse_topk, cfg.input_size, cfg.templates)
+        return ConSETeacher(cfg.conse_backbone, cfg.conse_topk, cfg.input_size, cfg.templates, cfg.conse_smoothing)
     raise ValueError(f"unknown teacher.kind '{cfg.kind}'; valid kinds: clip, conse")

