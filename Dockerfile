@@ -7,7 +7,7 @@
 # CLIPTEACHER_DEVICE=auto (default) falls back to the CPU with a warning naming the library that did not load;
 # -e CLIPTEACHER_DEVICE=cuda makes the container exit (code 2, that reason) instead; cpu never tries CUDA.
 #
-# The bundle is built into the image: stage "bundle" exports assets/msrc21_default.pt with
+# The bundle is built into the image: stage "bundle" exports assets/default.pt with
 # clipteacher-export (the export needs torch; that stage is thrown away). To serve another bundle,
 # mount it and point CLIPTEACHER_BUNDLE at it:
 #   docker run --gpus all -p 7860:7860 -v "$PWD/bundles/mine:/bundle:ro" -e CLIPTEACHER_BUNDLE=/bundle clipteacher-app
@@ -35,8 +35,8 @@ RUN pip install -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY clipteacher ./clipteacher
 RUN pip install --no-deps .
-COPY assets/msrc21_default.pt ./assets/msrc21_default.pt
-RUN clipteacher-export --checkpoint assets/msrc21_default.pt --out /bundle
+COPY assets/default.pt ./assets/default.pt
+RUN clipteacher-export --checkpoint assets/default.pt --out /bundle
 
 # ---------------------------------------------------------------- stage 2: the app
 FROM ${APP_BASE_IMAGE}
@@ -63,10 +63,10 @@ COPY clipteacher/app ./clipteacher/app
 COPY clipteacher/cli/__init__.py clipteacher/cli/app.py ./clipteacher/cli/
 COPY app/run.py ./app/run.py
 COPY assets/examples ./assets/examples
-COPY --from=bundle /bundle ./bundles/msrc21
+COPY --from=bundle /bundle ./bundles/default
 
 ENV PYTHONPATH=/app \
-    CLIPTEACHER_BUNDLE=/app/bundles/msrc21 \
+    CLIPTEACHER_BUNDLE=/app/bundles/default \
     HOST=0.0.0.0 \
     PORT=7860 \
     CLIPTEACHER_DEVICE=auto \

@@ -2,7 +2,7 @@
 
     python bench/latency.py                      # exports an untrained MSRC-21 student (+ int8, fp16) to a temp bundle
     python bench/latency.py --checkpoint runs/msrc21/last.pt
-    python bench/latency.py --bundle bundles/msrc21   # PyTorch row needs the bundle's source checkpoint
+    python bench/latency.py --bundle bundles/default   # PyTorch row needs the bundle's source checkpoint
 
 Rows (ms per image, median of --runs runs after a warm-up):
   student ONNX fp32 / int8 / fp16   Bundle.image_features on a 512 x 512 uint8 image

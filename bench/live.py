@@ -1,6 +1,6 @@
 """Live-tab speed: frames per second of the model + overlay on a sequence of real frames (no network).
 
-    python bench/live.py [--bundle bundles/msrc21] [--frames 200] [--threads N]
+    python bench/live.py [--bundle bundles/default] [--frames 200] [--threads N]
 
 Frames are real MSRC-21 images (the app's examples when the shared data is absent) scaled to a
 640 x 480 camera frame; each goes through `Service.live_frame` exactly as the Live tab calls it:

@@ -1,7 +1,7 @@
 """Throughput of clipteacher-predict on real images, one image per student run against batches.
 
     python bench/predict.py                               # 200 SIFT Flow val images, the default bundle
-    python bench/predict.py --images 100 --bundle bundles/msrc21 --precision int8
+    python bench/predict.py --images 100 --bundle bundles/default --precision int8
 
 Rows:
   clipteacher-predict --batch B   images/s of the whole command (reading, student, classifier, mask PNG,
@@ -76,7 +76,7 @@ def command_run(predict, folder: Path, out: Path, bundle_dir, precision: str, ba
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200, help="how many images to segment")
-    parser.add_argument("--bundle", help="bundle folder (default: bundles/msrc21, built on first use)")
+    parser.add_argument("--bundle", help="bundle folder (default: bundles/default, built on first use)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the student-graph comparison")
     parser.add_argument("--command-rounds", type=int, default=3, help="runs of the command per batch size")

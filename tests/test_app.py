@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -25,7 +24,7 @@ from clipteacher.cli import app as app_run
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.runtime import Bundle
 from clipteacher.train.config import PLMConfig
-from helpers import APP_SEEN, ROOT, free_port, start_app, tiny_bundle
+from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, start_app, tiny_bundle
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
@@ -396,7 +395,7 @@ def test_startup_messages(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CLIPTEACHER_BUNDLE", raising=False)
     assert app_run.main(["--bundle", str(tmp_path / "nope")]) == 2
     assert "not a bundle folder" in capsys.readouterr().err
-    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "msrc21")
+    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
     monkeypatch.setattr(app_run, "DEFAULT_CHECKPOINT", tmp_path / "missing.pt")
     assert app_run.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -404,11 +403,34 @@ def test_startup_messages(tmp_path, capsys, monkeypatch):
 
 
 def test_default_bundle_is_built_once_from_the_checkpoint(bundle_dir, tmp_path):
-    out = app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "msrc21")
+    out = app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "default")
     assert (out / "bundle.json").is_file()
     assert Bundle(out, verbose=False).vocabulary == APP_SEEN
     with pytest.raises(app_run.StartupError, match="already exists"):  # export/run.py's one line is passed on
         app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", out)
+
+
+def test_default_bundle_is_rebuilt_when_the_default_model_changes(bundle_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from clipteacher.export.bundle import write_untrained_checkpoint
+    from clipteacher.train.config import Config
+
+    checkpoint = tmp_path / "default.pt"
+    shutil.copy(bundle_dir.parent / "app_ckpt.pt", checkpoint)
+    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
+    monkeypatch.setattr(app_run, "DEFAULT_CHECKPOINT", checkpoint)
+    first = app_run.resolve_bundle(None)
+    assert Bundle(first, verbose=False).vocabulary == APP_SEEN
+    assert app_run.resolve_bundle(None) == first and "not the one" not in capsys.readouterr().out  # unchanged: kept
+    cfg = Config()  # a new default model with another vocabulary, as after a pull
+    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 64
+    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 32, 64
+    write_untrained_checkpoint(cfg, APP_CLASSES, ["sky", "tree"], checkpoint)
+    again = app_run.resolve_bundle(None)
+    assert again == first and "not the one" in capsys.readouterr().out
+    assert Bundle(again, verbose=False).vocabulary == ["sky", "tree"]
+    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["default"]
 
 
 def test_app_process_does_not_import_torch(bundle_dir, files):
@@ -479,9 +501,9 @@ def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
     assert "Traceback" not in (tmp_path / "app.log").read_text()
 
 
-@pytest.mark.skipif(not (ROOT / "bundles" / "msrc21" / "bundle.json").is_file(), reason="no bundles/msrc21 here")
+@pytest.mark.skipif(not (ROOT / "bundles" / "default" / "bundle.json").is_file(), reason="no bundles/default here")
 def test_default_bundle_segments_an_example():
-    service = svc.Service(Bundle(ROOT / "bundles" / "msrc21", verbose=False))
+    service = svc.Service(Bundle(ROOT / "bundles" / "default", verbose=False))
     image, _ = svc.load_image(ROOT / "assets" / "examples" / "farm.jpg")
     seg = service.segment(image, "building, grass, tree, cow, sky")
     assert len(seg.shares) >= 2

@@ -2,7 +2,7 @@
 
 Uploads an image, types class names, runs each tab and checks what a person would see, and
 saves a screenshot of each tab. Screenshots go to $CLIPTEACHER_SCREENSHOTS (the README's
-pictures: CLIPTEACHER_BUNDLE=bundles/msrc21 CLIPTEACHER_SCREENSHOTS=docs/screenshots), else to a
+pictures: CLIPTEACHER_BUNDLE=bundles/default CLIPTEACHER_SCREENSHOTS=docs/screenshots), else to a
 temp folder. The app serves $CLIPTEACHER_BUNDLE when set, else a tiny random test bundle.
 
 Needs `apt-get install chromium` and `pip install playwright` (no `playwright install`).

@@ -1,6 +1,6 @@
 """What the app computes, as plain functions over numpy arrays: no Gradio, no torch.
 
-    service = Service(Bundle("bundles/msrc21"))
+    service = Service(Bundle("bundles/default"))
     image, notes = load_image("cow.jpg")                       # H x W x 3 uint8, downscaled if huge
     seg = service.segment(image, "cow, grass, sky")            # Segmentation: labels H x W, shares, ...
     att = service.attention(image, "cow, grass")               # Attention: GLM weights h x w, similarities C x h x w

@@ -1,6 +1,6 @@
 """The Gradio Blocks layout: one image and a vocabulary on the left, three views on the right.
 
-    demo = build_demo(Service(Bundle("bundles/msrc21")))
+    demo = build_demo(Service(Bundle("bundles/default")))
     demo.launch()
 
 Every view is an API endpoint (gradio_client): /segment, /attention, /pseudo_labels, /info.
@@ -27,10 +27,10 @@ from clipteacher.pseudo import resize_nearest, vis as pseudo_vis
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
-EXAMPLE_NAMES = {
-    "farm": "building, grass, tree, cow, sky",
-    "lake": "sky, tree, water, boat",
-    "street": "building, sky, road, car",
+EXAMPLE_NAMES = {  # names of the default model's vocabulary (MSRC-21 + SIFT Flow), "house" outside it
+    "farm": "house, grass, tree, cow, sky",
+    "lake": "sky, mountain, sea, boat",
+    "street": "building, window, sky, road, car",
     "garden": "grass, flower",
 }
 MAX_SIMILARITY_MAPS = 24  # per-class maps shown in the attention tab

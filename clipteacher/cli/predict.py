@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template with one {} for the name, e.g. 'a photo of a {}.'; repeat for several "
                         "(default: the bundle's)")
     p.add_argument("--gamma", help="unseen bias for names outside the training vocabulary (default: the bundle's)")
-    p.add_argument("--bundle", help="exported bundle folder (default: bundles/msrc21, built on first use)")
+    p.add_argument("--bundle", help="exported bundle folder (default: bundles/default, built on first use)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="student graph (must be in the bundle)")
     p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")

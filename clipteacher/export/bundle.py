@@ -316,7 +316,8 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
                     "templates": list(cfg.teacher.templates), "tokenizer": tokenizer},
         # float32 -> Python float -> JSON round-trips exactly
         "text_cache": {"names": names, "embeddings": [[float(v) for v in seg.text_cache[n].float()] for n in names]},
-        "source": {"checkpoint": str(Path(checkpoint).resolve()), "student_backbone": cfg.student.backbone},
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+                   "student_backbone": cfg.student.backbone},
         "versions": versions(),
         "notes": notes,
         "checksums": {name: sha256_file(folder / name) for name in sorted(set(files.values()))},

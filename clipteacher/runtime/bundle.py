@@ -1,7 +1,7 @@
 """Run an exported bundle with onnxruntime and numpy only (no torch): the app's whole model API.
 
     from clipteacher.runtime import Bundle
-    bundle = Bundle("bundles/msrc21")            # CUDA when onnxruntime can use it, else CPU
+    bundle = Bundle("bundles/default")            # CUDA when onnxruntime can use it, else CPU
     bundle.provider                               # "CUDAExecutionProvider" | "CPUExecutionProvider"
     labels = bundle.segment(image, ["cow", "grass", "zebra"])          # H x W int64 indices into the names
 

@@ -17,7 +17,6 @@ MSRC21 = Benchmark(
     figure_ids=["15_17_s", "4_19_s", "8_25_s", "14_3_s", "13_17_s"],  # val images with unseen classes
     heldout_fraction=0.15,  # about 50 of the 355 train images
     default_rows=["full", "no_glm", "no_plm", "seen_only", "supervised", "teacher"],
-    default_model="msrc21_default.pt",
     notes=["Data: `../shared/data/msrc21`, trained on `train` (355 images; 16 seen classes, the 5 unseen classes "
            "aeroplane, bicycle, book, cat, chair hidden as ignore), scored on `val` (59 images) over all 21 classes. "
            "Numbers are percentages; hIoU = 2 S U / (S + U)."],

