@@ -32,10 +32,14 @@ def test_a_crafted_pickle_runs_nothing(tmp_path):
     assert "\n" not in str(err.value) and "refuses" in str(err.value) and "system" in str(err.value)
 
 
-def test_checkpoints_from_before_plain_rng_state_still_load(tmp_path):
+def test_checkpoints_from_before_plain_rng_state_still_load(tmp_path, monkeypatch):
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save({"format": FORMAT, **MINIMAL, "rng": state}, tmp_path / "old.pt")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     ckpt = load_checkpoint(tmp_path / "old.pt")
+    assert len(reads) == 1  # read once, not refused and read again
     expected = np.random.rand()
     set_rng_state(ckpt["rng"])
     assert np.random.rand() == expected

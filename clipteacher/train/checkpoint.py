@@ -42,13 +42,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def _safe_load(path: Path) -> dict:
-    try:
+    # One read for every file: the allowed numpy constructors only rebuild plain arrays (LEGACY_NUMPY).
+    with torch.serialization.safe_globals(LEGACY_NUMPY):
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "GLOBAL" not in str(err):
-            raise
-        with torch.serialization.safe_globals(LEGACY_NUMPY):
-            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
