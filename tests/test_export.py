@@ -47,6 +47,7 @@ def conse(tmp_path_factory):
     cfg = Config()
     cfg.data.eval_size = 160
     cfg.teacher.templates = ("a photo of a {}.", "{}")
+    cfg.teacher.conse_smoothing = 0.1  # as the shipped configs: the key smoothing must export too
     teacher = write_untrained_checkpoint(cfg, CLASSES, SEEN, root / "ckpt.pt")
     export_bundle(root / "ckpt.pt", root / "bundle", teacher=teacher, log=lambda *_: None)
     return {"root": root, "ckpt": root / "ckpt.pt", "dir": root / "bundle", "teacher": teacher,
