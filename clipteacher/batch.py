@@ -31,6 +31,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from clipteacher.io import process_alive
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SUMMARY = "summary.jsonl"
 PARTIAL = ".partial"  # marks temporary files: ".<name>.<pid>.partial<suffix>"
@@ -140,22 +142,12 @@ def atomic_write(path: Path, write, before_rename=None) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_partials(out_dir: Path) -> int:
     """Delete temporary files left in out_dir by killed runs (their process is gone). Returns how many."""
     removed = 0
     for tmp in Path(out_dir).glob(f".*{PARTIAL}.*"):
         pid = tmp.name.rsplit(PARTIAL, 1)[0].rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

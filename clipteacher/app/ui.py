@@ -23,6 +23,7 @@ import gradio as gr
 import numpy as np
 
 from clipteacher.app import service as svc
+from clipteacher.io import process_alive
 from clipteacher.pseudo import resize_nearest, vis as pseudo_vis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,20 +131,10 @@ def remove_stale_folders() -> list[Path]:
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*_*"):
         pid = folder.name[len(FOLDER_PREFIX):].split("_")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class Handlers:

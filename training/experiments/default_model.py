@@ -44,21 +44,19 @@ UNSEEN_NAMES = [
 METRICS = ("pAcc", "mIoU", "mIoU(S)", "mIoU(U)")
 
 
-def score(checkpoint: Path, gamma: float | None = None) -> dict[str, dict]:
-    """{dataset: metrics} on each val split over all its classes (MMSeg means), at the checkpoint's gamma."""
-    seg = Segmenter.from_checkpoint(checkpoint)
-    g = seg.gamma if gamma is None else gamma
+def score(seg: Segmenter, label: str) -> dict[str, dict]:
+    """{dataset: metrics} on each val split over all its classes (MMSeg means), at the model's gamma."""
+    g = seg.gamma
     out = {}
     for name, root in DATASETS.items():
         val = build_dataset("folder", root, "val")
         out[name] = sweep_gamma(seg, val, list(val.info.classes), seg.vocabulary, [g], list(val.info.unseen))[g]
-        print(f"{checkpoint} on {name} val: " + " ".join(f"{k} {out[name][k]:.1f}" for k in METRICS), flush=True)
+        print(f"{label} on {name} val: " + " ".join(f"{k} {out[name][k]:.1f}" for k in METRICS), flush=True)
     return out
 
 
-def unseen_figure(checkpoint: Path, path: Path, gamma: float) -> list[dict]:
+def unseen_figure(seg: Segmenter, path: Path, gamma: float) -> list[dict]:
     """One row per pool image: the image and its overlay with a legend; names outside the vocabulary marked *."""
-    seg = Segmenter.from_checkpoint(checkpoint)
     rows, tile = [], 220
     for file, text in UNSEEN_NAMES:
         if not (POOL / "images" / file).is_file():
@@ -161,12 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     dst = Path(args.assets) / "default.pt"
     strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
     ckpt = load_checkpoint(dst)
-    scores = {"new": score(dst)}
+    seg = Segmenter.from_checkpoint(dst)  # loaded once for the scores and the figure
+    scores = {"new": score(seg, str(dst))}
     if args.previous:
-        scores["previous"] = score(Path(args.previous))
+        scores["previous"] = score(Segmenter.from_checkpoint(args.previous), args.previous)
     seconds = args.train_hours * 3600 if args.train_hours else None
     (Path(args.assets) / "README.md").write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
-    shown = unseen_figure(dst, Path(args.docs) / "default_unseen_names.png", args.gamma)
+    shown = unseen_figure(seg, Path(args.docs) / "default_unseen_names.png", args.gamma)
     lines = ["## Default model (`assets/default.pt`)", "",
              f"Produced by `{command}` ({time.strftime('%Y-%m-%d')}) from a run of "
              f"`training/configs/default_model.yaml` ({ckpt['step']} iterations"
