@@ -167,3 +167,26 @@ def test_dense_distillation_term_is_logged_when_switched_on(tiny_data, tmp_path)
     train(tiny_config(tiny_data, tmp_path / "d", train={"iters": 1}, loss={"dense_weight": 1.0}), verbose=False)
     rec = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][0]
     assert rec["dense"] > 0
+
+
+def test_stray_rank_outside_torchrun_still_counts_as_the_main_process(tiny_data, tmp_path, monkeypatch):
+    # A shell that exported RANK (e.g. left over from a cluster job) runs one process: it is the main one and
+    # must report its input checks. The old code read RANK alone and went quiet.
+    from clipteacher.train import engine
+
+    seen = {}
+
+    def stop(cfg, resume, verbose, main):
+        seen["main"] = main
+        raise RuntimeError("stop after the input check")
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(engine, "check_inputs", stop)
+    with pytest.raises(RuntimeError, match="stop after"):
+        engine.train(tiny_config(tiny_data, tmp_path / "r"), verbose=True)
+    assert seen["main"] is True
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the announced rank decides
+    with pytest.raises(RuntimeError, match="stop after"):
+        engine.train(tiny_config(tiny_data, tmp_path / "r"), verbose=True)
+    assert seen["main"] is False

@@ -47,6 +47,12 @@ def resolve_device(name: str, what: str = "device") -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun announced it, before any process group exists; 0 outside torchrun
+    (a stray RANK left in a shell without WORLD_SIZE > 1 does not silence a single-process run)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun (nccl on GPUs, else gloo).
 
@@ -379,7 +385,7 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     """Train the student. Returns the final validation metrics (rank 0; {} elsewhere)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = launch_rank() == 0  # the process group starts later (build_run); torchrun has set RANK already
     train_set, val_set, ckpt = check_inputs(cfg, resume, verbose, main)
     run = build_run(cfg, train_set, val_set, verbose)
     if ckpt is not None:
