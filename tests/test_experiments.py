@@ -45,6 +45,14 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     assert "hand-written reading" in text and "| full_pool |" in text and "| teacher |" in text
     runner.main(bench, argv[:-2] + ["--report-only"])  # the section is replaced, not appended twice
     assert (docs / "RESULTS.md").read_text().count("## Tiny") == 1
+    # a row whose trainings finished in other processes is scored, not retrained, and its time is not claimed
+    (out / "full_result.json").unlink()
+    runner.main(bench, argv + ["--rows", "full", "--resume"])
+    again = json.loads((out / "full_result.json").read_text())
+    assert again["calibration_seconds"] is None and again["train_seconds"] is None
+    assert again["gamma"] == full["gamma"] and again["iters"] == 2
+    row = next(x for x in (docs / "RESULTS.md").read_text().splitlines() if x.startswith("| full |"))
+    assert row.endswith("| – |")
     # the fp16 benchmark checkpoint is small and re-scorable with the evaluate command
     small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot.pt"
     ckpt = load_checkpoint(small)
