@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -65,3 +66,13 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     half, single = (json.loads((tmp_path / n).read_text()) for n in ("e.json", "f.json"))
     assert half["gamma"] == single["gamma"]
     assert abs(half["pAcc"] - single["pAcc"]) < 1.0  # fp16 weights: the same model up to rounding
+    # other pseudo-unseen classes: their own calibration model, recorded and named in the row's table line
+    (out / "full_result.json").unlink()
+    runner.main(bench, argv + ["--rows", "full", "--resume", "--holdout", "grass"])
+    other = json.loads((out / "full_result.json").read_text())
+    assert other["holdout"] == ["grass"] and other["calibration_seconds"] is not None
+    cal_cfg = yaml.safe_load((out / "full_calibration_grass" / "config.yaml").read_text())
+    assert cal_cfg["data"]["holdout"] == ["grass"]
+    assert "`--holdout grass`" in next(x for x in (docs / "RESULTS.md").read_text().splitlines() if x.startswith("| full |"))
+    with pytest.raises(SystemExit, match="cat not seen classes"):  # unseen, not a seen class
+        runner.main(bench, argv + ["--rows", "no_glm", "--holdout", "cat"])
