@@ -62,7 +62,11 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Segmenter":
-        ckpt = load_checkpoint(path)
+        return cls.from_state(load_checkpoint(path), path, device)
+
+    @classmethod
+    def from_state(cls, ckpt: dict, path: str | Path, device: str = "cpu") -> "Segmenter":
+        """The same from a checkpoint already read (load_checkpoint); `path` only names it in errors."""
         cfg = from_dict(ckpt["config"], f"checkpoint {path}")
         cfg.student.pretrained = False  # the checkpoint holds the weights
         student = Student(cfg.student, ckpt["embed_dim"])

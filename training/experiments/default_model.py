@@ -74,8 +74,7 @@ def unseen_figure(seg: Segmenter, path: Path, gamma: float) -> list[dict]:
         for im in pics:
             im.thumbnail((tile, tile))
         thumbs.append(pics)
-    heights = [max(p.height for p in pics + [Image.new("RGB", (1, 18 * len(row["names"]) + 8))])
-               for pics, row in zip(thumbs, rows)]
+    heights = [max(max(p.height for p in pics), 18 * len(row["names"]) + 8) for pics, row in zip(thumbs, rows)]
     canvas = Image.new("RGB", (3 * tile + 20, 24 + sum(h + 8 for h in heights)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"image (unlabelled pool) | student labels, names typed (* = outside its vocabulary), gamma {gamma}",
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     dst = Path(args.assets) / "default.pt"
     strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
     ckpt = load_checkpoint(dst)
-    seg = Segmenter.from_checkpoint(dst)  # loaded once for the scores and the figure
+    seg = Segmenter.from_state(ckpt, dst)  # one read for the card, the scores and the figure
     scores = {"new": score(seg, str(dst))}
     if args.previous:
         scores["previous"] = score(Segmenter.from_checkpoint(args.previous), args.previous)
