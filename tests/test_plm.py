@@ -145,3 +145,47 @@ def test_stale_cache_behind_a_symlink_is_rebuilt_in_place(tiny_data, tmp_path):
     cache = TeacherCache(tmp_path / "link", t64, folder, verbose=False)
     assert cache.dense.shape[-1] == 8
     assert TeacherCache(tmp_path / "shared", t64, folder, verbose=False).dense.shape[-1] == 8
+
+
+class FlakyTeacher(torch.nn.Module):
+    """Wraps a teacher: counts the images it sees and fails once after `fail_after` batches (a crash mid-build)."""
+
+    def __init__(self, teacher, fail_after=None):
+        super().__init__()
+        self.teacher, self.fail_after, self.images, self.batches = teacher, fail_after, 0, 0
+        self.input_size, self.pixel_mean, self.fingerprint = teacher.input_size, teacher.pixel_mean, teacher.fingerprint
+
+    def forward(self, images):
+        if self.fail_after is not None and self.batches == self.fail_after:
+            raise KeyboardInterrupt
+        self.batches += 1
+        self.images += len(images)
+        return self.teacher(images)
+
+
+def test_interrupted_cache_build_resumes_and_matches_a_whole_build(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    folder = SegmentationFolder(tiny_data, "train")
+    teacher = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=32))
+    assert len(folder) > 2
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache(tmp_path / "c", FlakyTeacher(teacher, fail_after=2), folder, batch_size=1, verbose=False)
+    assert not (tmp_path / "c").exists()
+    again = FlakyTeacher(teacher)
+    resumed = TeacherCache(tmp_path / "c", again, folder, batch_size=1, verbose=False)
+    assert again.images == len(folder) - 2  # the two images done before the crash are not recomputed
+    whole = TeacherCache(tmp_path / "whole", teacher, folder, batch_size=1, verbose=False)
+    assert torch.equal(resumed.cls, whole.cls)
+    assert np.array_equal(np.asarray(resumed.dense), np.asarray(whole.dense))
+    assert not (tmp_path / "c.building").exists()
+
+
+def test_interrupted_build_of_another_teacher_is_not_resumed(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    folder = SegmentationFolder(tiny_data, "train")
+    t32 = build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=32))
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache(tmp_path / "c", FlakyTeacher(t32, fail_after=2), folder, batch_size=1, verbose=False)
+    t64 = FlakyTeacher(build_teacher(TeacherConfig(kind="clip", clip_config=TINY_CLIP, input_size=64)))
+    cache = TeacherCache(tmp_path / "c", t64, folder, batch_size=1, verbose=False)
+    assert t64.images == len(folder) and cache.dense.shape[-1] == 8

@@ -59,12 +59,18 @@ class TeacherCache:
     @torch.no_grad()
     def _build(self, teacher, folder: SegmentationFolder, batch_size: int, verbose: bool) -> None:
         tmp = self.root.with_name(self.root.name + ".building")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        # A build cut short (crash, preemption, a session ending) resumes where it stopped: building the
+        # cache of a few thousand images takes hours on a CPU. progress.json is written only after the
+        # arrays are flushed, so every image it counts is on disk.
+        done, cls_arr, dense_arr = self._resume(tmp)
+        if cls_arr is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        elif verbose:
+            print(f"teacher cache {self.root}: resuming an interrupted build at image {done} of {len(folder)}")
         size = teacher.input_size
         device = teacher.pixel_mean.device
-        cls_arr = dense_arr = None
-        bar = tqdm(range(0, len(folder), batch_size), desc="teacher cache", disable=not verbose)
+        bar = tqdm(range(done, len(folder), batch_size), desc="teacher cache", disable=not verbose)
         for start in bar:
             idx = list(range(start, min(start + batch_size, len(folder))))
             images = torch.stack([
@@ -77,13 +83,30 @@ class TeacherCache:
                 dense_arr = np.lib.format.open_memmap(tmp / "dense.npy", "w+", np.float16, (len(folder), d, h, w))
             cls_arr[idx] = out.cls.cpu().numpy().astype(np.float16)
             dense_arr[idx] = out.dense.cpu().numpy().astype(np.float16)
-        cls_arr.flush()
-        dense_arr.flush()
+            cls_arr.flush()
+            dense_arr.flush()
+            (tmp / "progress.json").write_text(json.dumps({"meta": self.meta, "done": idx[-1] + 1}))
         del cls_arr, dense_arr
+        (tmp / "progress.json").unlink()
         (tmp / "meta.json").write_text(json.dumps(self.meta))
         # Swap in whole: a crash mid-build leaves only the '.building' folder, never a half cache.
         shutil.rmtree(self.root, ignore_errors=True)
         os.replace(tmp, self.root)
+
+    def _resume(self, tmp: Path) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+        """(images done, cls, dense) of an interrupted build of this same cache in `tmp`, else (0, None, None)."""
+        try:
+            progress = json.loads((tmp / "progress.json").read_text())
+            if progress["meta"] != self.meta:
+                return 0, None, None
+            cls_arr = np.load(tmp / "cls.npy", mmap_mode="r+")
+            dense_arr = np.load(tmp / "dense.npy", mmap_mode="r+")
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, None, None
+        done = int(progress["done"])
+        if len(cls_arr) != self.meta["count"] or len(dense_arr) != self.meta["count"] or not 0 < done <= len(cls_arr):
+            return 0, None, None
+        return done, cls_arr, dense_arr
 
     def lookup(self, indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher tokens for a batch of crops (indices B, boxes B x 4, flips B, on the CPU):
