@@ -99,11 +99,11 @@ class TeacherCache:
             progress = json.loads((tmp / "progress.json").read_text())
             if progress["meta"] != self.meta:
                 return 0, None, None
+            done = int(progress["done"])
             cls_arr = np.load(tmp / "cls.npy", mmap_mode="r+")
             dense_arr = np.load(tmp / "dense.npy", mmap_mode="r+")
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable leftovers: start over
             return 0, None, None
-        done = int(progress["done"])
         if len(cls_arr) != self.meta["count"] or len(dense_arr) != self.meta["count"] or not 0 < done <= len(cls_arr):
             return 0, None, None
         return done, cls_arr, dense_arr
