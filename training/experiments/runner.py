@@ -209,18 +209,14 @@ def subset(folder, indices: list[int]):
     return part
 
 
-def run_row(bench: Benchmark, name: str, overrides: list[str], args, out: Path) -> dict:
+def run_row(bench: Benchmark, name: str, overrides: list[str], args, out: Path, val) -> dict:
     base = [f"train.iters={args.iters}", "train.val_every=0", f"train.ckpt_every={min(50, args.iters)}",
             f"teacher.cache_dir={out / 'teacher_cache'}", f"data.root={args.data}"] + list(args.overrides)
     overrides = [o.replace(POOL, args.pool) for o in overrides]
     record: dict = {"overrides": overrides, "iters": args.iters}
     zero_shot = "data.zero_shot=false" not in overrides
-    val = build_dataset("folder", args.data, "val")
     if zero_shot:
-        holdout = args.holdout.split(",")
-        unknown = sorted(set(holdout) - set(val.info.seen))
-        if unknown:
-            raise SystemExit(f"--holdout: {', '.join(unknown)} not seen classes of {args.data}")
+        holdout = args.holdout.split(",")  # checked in main before any row trains
         # Another pseudo-unseen set means another calibration model: its own folder, the row's result replaced.
         suffix = "" if holdout == bench.holdout else "_" + "_".join(holdout)
         cal = load_config(bench.config, base + overrides + [f"train.out_dir={out / name}_calibration{suffix}",
@@ -331,10 +327,15 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     val = build_dataset("folder", args.data, "val")
     rows = [] if args.report_only else args.rows.split(",")
+    # Bad arguments are answered before the first row trains, not hours later when a row reaches them.
+    unknown_rows = [n for n in rows if n not in ROWS]
+    if unknown_rows:
+        raise SystemExit(f"unknown row '{unknown_rows[0]}'; rows: {', '.join(ROWS)}")
+    unknown = sorted(set(args.holdout.split(",")) - set(val.info.seen))
+    if unknown:
+        raise SystemExit(f"--holdout: {', '.join(unknown)} not seen classes of {args.data}")
     reported = False  # a report after a row reads every row's result file: enough at the end
     for name in rows:
-        if name not in ROWS:
-            raise SystemExit(f"unknown row '{name}'; rows: {', '.join(ROWS)}")
         if args.resume and (out / f"{name}_result.json").exists():
             print(f"== {name}: done already ({out / f'{name}_result.json'})", flush=True)
             continue
@@ -346,7 +347,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
             old = json.loads((out / f"{name}_result.json").read_text())
             record = score_row(old, out / name / "last.pt", old["gamma"], val, bench.figure_ids)
         else:
-            record = run_row(bench, name, ROWS[name], args, out)
+            record = run_row(bench, name, ROWS[name], args, out, val)
         # One file per row, so rows can run in separate processes and the report gathers them.
         np.savez_compressed(out / f"{name}_figure.npz", **record.pop("figure"))
         (out / f"{name}_result.json").write_text(json.dumps(record, indent=1))
