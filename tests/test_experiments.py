@@ -26,8 +26,9 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     docs.mkdir()
     (docs / "RESULTS.md").write_text("# Results\n\nhand-written reading\n")
     swept = []
-    real_sweep = runner.sweep_gamma
-    monkeypatch.setattr(runner, "sweep_gamma", lambda seg, folder, *a: swept.append(list(folder.ids)) or real_sweep(seg, folder, *a))
+    real_confusions = runner.gamma_confusions
+    monkeypatch.setattr(runner, "gamma_confusions",
+                        lambda seg, folder, *a: swept.append(list(folder.ids)) or real_confusions(seg, folder, *a))
     argv = ["--iters", "2", "--out", str(tmp_path / "out"), "--docs", str(docs), "--assets", str(tmp_path / "assets"),
             "--pool", str(pool)]
     runner.main(bench, argv)
@@ -36,7 +37,7 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     calib_ids = swept[0]
     assert calib_ids and all(i.startswith("t") for i in calib_ids)
     full = json.loads((out / "full_result.json").read_text())
-    assert full["calibration_images"] == len(calib_ids)
+    assert full["calibration_images"] == len(calib_ids) and full["gamma_rule"] == "one_se"
     cal_cfg = yaml.safe_load((out / "full_calibration" / "config.yaml").read_text())
     assert cal_cfg["data"]["heldout_fraction"] == 0.3 and cal_cfg["data"]["holdout"] == ["cow"]
     pool_cfg = yaml.safe_load((out / "full_pool" / "config.yaml").read_text())
@@ -54,6 +55,12 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     assert again["gamma"] == full["gamma"] and again["iters"] == 2
     row = next(x for x in (docs / "RESULTS.md").read_text().splitlines() if x.startswith("| full |"))
     assert row.endswith("| – |")
+    # --rescore chooses gamma again from the calibration model (a result from an older rule is corrected)
+    stale = dict(again, gamma=99.0, calibration={})
+    (out / "full_result.json").write_text(json.dumps(stale))
+    runner.main(bench, argv + ["--rows", "full", "--rescore"])
+    rescored = json.loads((out / "full_result.json").read_text())
+    assert rescored["gamma"] == full["gamma"] and rescored["calibration"]["best"] == full["calibration"]["best"]
     # the fp16 benchmark checkpoint is small and re-scorable with the evaluate command
     small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot.pt"
     ckpt = load_checkpoint(small)
@@ -76,3 +83,33 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     assert "`--holdout grass`" in next(x for x in (docs / "RESULTS.md").read_text().splitlines() if x.startswith("| full |"))
     with pytest.raises(SystemExit, match="cat not seen classes"):  # unseen, not a seen class
         runner.main(bench, argv + ["--rows", "no_glm", "--holdout", "cat"])
+
+
+def _images(per_gamma: list[np.ndarray], n: int) -> np.ndarray:
+    """N x G x C x C: `n` copies of one image's G x C x C counts."""
+    return np.repeat(np.stack(per_gamma)[None], n, axis=0)
+
+
+def test_choose_gamma_takes_a_clear_peak_away_from_zero():
+    classes, unseen, gammas = ["a", "b"], ["b"], [-1.0, 0.0, 1.0]
+    right = np.array([[50, 0], [0, 50]])  # every pixel right
+    wrong = np.array([[50, 0], [50, 0]])  # the pseudo-unseen class never predicted: hIoU 0
+    per_image = _images([wrong, wrong, right], 30)
+    for seed in range(5):  # any bootstrap draw: every image is better at gamma 1
+        gamma, info = runner.choose_gamma(per_image, gammas, classes, unseen, resamples=50, seed=seed)
+        assert gamma == 1.0 and info["best"] == 1.0 and info["1.0"]["hIoU"] == 100.0
+
+
+def test_choose_gamma_prefers_zero_when_the_best_is_within_noise():
+    classes, unseen, gammas = ["a", "b"], ["b"], [-1.0, 0.0, 1.0]
+    right = np.array([[50, 0], [0, 50]])
+    half = np.array([[50, 0], [25, 25]])  # half the pseudo-unseen pixels right
+    wrong = np.array([[50, 0], [50, 0]])
+    # Images disagree: 21 are right at gamma -1 and wrong at 0, 20 the reverse. gamma -1 wins on the whole
+    # slice by one image, far less than what resampling the images moves.
+    per_image = np.concatenate([_images([right, wrong, half], 21), _images([wrong, right, half], 20)])
+    for seed in range(5):
+        gamma, info = runner.choose_gamma(per_image, gammas, classes, unseen, resamples=200, seed=seed)
+        assert info["best"] == -1.0 and info["-1.0"]["hIoU"] > info["0.0"]["hIoU"]  # the argmax would take -1
+        assert info["se"] > info["-1.0"]["hIoU"] - info["0.0"]["hIoU"]
+        assert gamma == 0.0

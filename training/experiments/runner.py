@@ -12,10 +12,11 @@ full_long / full_dense_long (full / full_dense on a 6x schedule).
 gamma is chosen without unseen labels and without the images that are scored (docs/DESIGN.md, unseen
 bias): for every zero-shot row a calibration model is trained with the benchmark's pseudo-unseen classes
 also hidden (`data.holdout`) and a hash-chosen slice of `train` held aside (`data.heldout_fraction`,
-never trained on by that model); gamma maximises hIoU between the remaining seen and the pseudo-unseen
-classes on that held-aside slice (real unseen pixels ignored). The row's own model then trains on all of
-`train`. The real unseen labels are used only for the final scores on `val` and for an oracle sweep that
-is reported as such.
+never trained on by that model); on that held-aside slice hIoU between the remaining seen and the
+pseudo-unseen classes is measured for every gamma (real unseen pixels ignored), and gamma is the value
+nearest 0 within one bootstrap standard error of the best (`choose_gamma`). The row's own model then
+trains on all of `train`. `--rescore` chooses gamma again from the calibration models it finds. The real
+unseen labels are used only for the final scores on `val` and for an oracle sweep that is reported as such.
 
 Writes <out>/<row>_result.json per row, <out>/results.json, the benchmark's section of docs/RESULTS.md
 (between its begin/end markers; text outside them is kept), docs/<name>_predictions.png and, for the
@@ -82,30 +83,67 @@ class Benchmark:
 
 
 @torch.no_grad()
-def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float],
-                unseen: list[str]) -> dict:
-    """hIoU etc. for every gamma from one student pass per image.
+def gamma_confusions(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float]):
+    """Yields, per image of `folder`, a G x C x C confusion count (one C x C per gamma) from one student pass.
 
     classes: the label space scored (others in the ground truth become ignore); gamma goes to
-    every class outside `vocabulary`; `unseen` are the classes averaged into mIoU(U).
-    Returns {gamma: summary}.
+    every class outside `vocabulary`.
     """
     info = folder.info
     lut = np.full(256, 255, dtype=np.int64)
     for j, c in enumerate(classes):
         lut[info.classes.index(c)] = j
     text = seg.text_embeddings(classes)
-    outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32)  # gets gamma
-    cms = {g: ConfusionMatrix(len(classes)) for g in gammas}
+    outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32).view(-1, 1, 1)
     data = EvalDataset(folder, seg.cfg.data.eval_size)
     for i in range(len(data)):
         item = data[i]
         label = lut[item["label"].numpy()]
         logits = predict_logits(seg.student, item["image"][None], text, seg.cfg.student.logit_scale,
                                 torch.zeros(len(classes)), tuple(label.shape))[0]
+        counts = []
         for g in gammas:
-            cms[g].update((logits + g * outside.view(-1, 1, 1)).argmax(0).numpy(), label)
-    return {g: summarize(cm.matrix, classes, unseen) for g, cm in cms.items()}
+            cm = ConfusionMatrix(len(classes))
+            cm.update((logits + g * outside).argmax(0).numpy(), label)
+            counts.append(cm.matrix)
+        yield np.stack(counts)
+
+
+def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float],
+                unseen: list[str]) -> dict:
+    """{gamma: summary} over the whole of `folder`; `unseen` are the classes averaged into mIoU(U)."""
+    total = sum(gamma_confusions(seg, folder, classes, vocabulary, gammas))
+    return {g: summarize(total[k], classes, unseen) for k, g in enumerate(gammas)}
+
+
+def choose_gamma(per_image: np.ndarray, gammas: list[float], classes: list[str], unseen: list[str],
+                 resamples: int = 200, seed: int = 0) -> tuple[float, dict]:
+    """The one-standard-error rule: the gamma nearest 0 whose hIoU is within one bootstrap standard error
+    of the best gamma's.
+
+    per_image: N x G x C x C confusion counts (`gamma_confusions`). The standard error comes from
+    `resamples` bootstrap resamples of the images. Why not the plain argmax: a held-aside slice of a few
+    hundred images measures hIoU to a point or two, and its pseudo-unseen classes are not the real unseen
+    ones; a gamma away from 0 claims the model is biased, so the slice must show that beyond its own noise
+    (with a flat curve the argmax is noise: SIFT Flow, docs/RESULTS.md).
+    Returns (gamma, {"best": argmax gamma, "se": standard error at it, str(gamma): {mIoU(S), mIoU(U), hIoU, se}}).
+    """
+    def hiou(cms: np.ndarray) -> np.ndarray:  # G x C x C -> G; an absent side counts as 0
+        return np.nan_to_num(np.array([summarize(cm, classes, unseen)["hIoU"] for cm in cms]))
+
+    whole = [summarize(cm, classes, unseen) for cm in per_image.sum(0)]
+    h = np.nan_to_num(np.array([s["hIoU"] for s in whole]))
+    rng = np.random.default_rng(seed)
+    n = len(per_image)
+    boot = np.stack([hiou(per_image[rng.integers(0, n, n)].sum(0)) for _ in range(resamples)])
+    se = boot.std(0)
+    best = int(h.argmax())
+    within = [k for k in range(len(gammas)) if h[k] >= h[best] - se[best]]
+    pick = min(within, key=lambda k: (abs(gammas[k]), -h[k]))
+    info = {"best": gammas[best], "se": float(se[best])}
+    info.update({str(g): {"mIoU(S)": whole[k]["mIoU(S)"], "mIoU(U)": whole[k]["mIoU(U)"], "hIoU": float(h[k]),
+                          "se": float(se[k])} for k, g in enumerate(gammas)})
+    return gammas[pick], info
 
 
 @torch.no_grad()
@@ -209,6 +247,26 @@ def subset(folder, indices: list[int]):
     return part
 
 
+def calibration_dir(bench: Benchmark, out: Path, name: str, holdout: list[str]) -> Path:
+    # Another pseudo-unseen set means another calibration model: its own folder, the row's result replaced.
+    return out / (f"{name}_calibration" + ("" if holdout == bench.holdout else "_" + "_".join(holdout)))
+
+
+def calibrate(record: dict, checkpoint: Path, holdout: list[str], args, val) -> float:
+    """gamma by the one-standard-error rule on the held-aside train slice the calibration model (at
+    `checkpoint`) never trained on, scored over the seen classes with `holdout` as pseudo-unseen; the
+    sweep goes into `record`."""
+    seg = Segmenter.from_checkpoint(checkpoint)
+    train_set = build_dataset("folder", args.data, "train")
+    # The slice this model never trained on, from its own config (a --rescore may pass another fraction).
+    held = subset(train_set, heldout_split(train_set.ids, seg.cfg.data.heldout_fraction)[1])
+    classes = list(val.info.seen)
+    per_image = np.stack(list(gamma_confusions(seg, held, classes, seg.vocabulary, GAMMAS)))
+    gamma, sweep = choose_gamma(per_image, GAMMAS, classes, holdout)
+    record.update(calibration=sweep, calibration_images=len(held), holdout=holdout, gamma_rule="one_se")
+    return gamma
+
+
 def run_row(bench: Benchmark, name: str, overrides: list[str], args, out: Path, val) -> dict:
     base = [f"train.iters={args.iters}", "train.val_every=0", f"train.ckpt_every={min(50, args.iters)}",
             f"teacher.cache_dir={out / 'teacher_cache'}", f"data.root={args.data}"] + list(args.overrides)
@@ -217,20 +275,11 @@ def run_row(bench: Benchmark, name: str, overrides: list[str], args, out: Path, 
     zero_shot = "data.zero_shot=false" not in overrides
     if zero_shot:
         holdout = args.holdout.split(",")  # checked in main before any row trains
-        # Another pseudo-unseen set means another calibration model: its own folder, the row's result replaced.
-        suffix = "" if holdout == bench.holdout else "_" + "_".join(holdout)
-        cal = load_config(bench.config, base + overrides + [f"train.out_dir={out / name}_calibration{suffix}",
+        cal = load_config(bench.config, base + overrides + [f"train.out_dir={calibration_dir(bench, out, name, holdout)}",
                                                             f"data.holdout={json.dumps(holdout)}",
                                                             f"data.heldout_fraction={args.heldout_fraction}"])
         record["calibration_seconds"] = train_row(cal, args)
-        train_set = build_dataset("folder", args.data, "train")
-        held = subset(train_set, heldout_split(train_set.ids, args.heldout_fraction)[1])
-        seg = Segmenter.from_checkpoint(Path(cal.train.out_dir) / "last.pt")
-        sweep = sweep_gamma(seg, held, val.info.seen, seg.vocabulary, GAMMAS, holdout)
-        gamma = max(GAMMAS, key=lambda g: (sweep[g]["hIoU"], -g))
-        record["calibration"] = {str(g): {k: sweep[g][k] for k in ("mIoU(S)", "mIoU(U)", "hIoU")} for g in GAMMAS}
-        record["calibration_images"] = len(held)
-        record["holdout"] = holdout
+        gamma = calibrate(record, Path(cal.train.out_dir) / "last.pt", holdout, args, val)
     else:
         gamma = 0.0  # every class is in the training vocabulary: gamma has nothing to act on
     cfg = load_config(bench.config, base + overrides + [f"train.out_dir={out / name}", f"train.gamma={gamma}"])
@@ -275,10 +324,20 @@ def section(bench: Benchmark, results: dict, args) -> str:
     lines += ["", f"gamma is chosen per row by a calibration model trained with the pseudo-unseen classes "
               f"{', '.join(bench.holdout)} (unless the row names its `--holdout`) also hidden and "
               f"{args.heldout_fraction:.0%} of `train` held aside "
-              "(hash of the image id); gamma maximises its hIoU (remaining seen vs pseudo-unseen) on that held-aside "
-              "slice. No unseen label and no val image is used to choose it. Training time excludes the "
+              "(hash of the image id). On that held-aside slice its hIoU (remaining seen vs pseudo-unseen) is measured "
+              "for every gamma, and gamma is the value nearest 0 whose hIoU is within one bootstrap standard error "
+              "(200 resamples of the images) of the best gamma's (the one-standard-error rule; table below). "
+              "No unseen label and no val image is used to choose it. Training time excludes the "
               "calibration model (same cost again). Means follow MMSeg: a class predicted but absent from the "
               "ground truth counts with IoU 0.", "",
+              "| row | calibration images | best gamma | its hIoU ± SE | chosen gamma | its hIoU |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        c = r.get("calibration", {})
+        if "best" in c:
+            best, chosen = c[str(c["best"])], c[str(r["gamma"])]
+            lines.append(f"| {name} | {r['calibration_images']} | {c['best']} | {fmt(best['hIoU'])} ± {fmt(c['se'])} | "
+                         f"{r['gamma']} | {fmt(chosen['hIoU'])} |")
+    lines += ["",
               f"![predictions]({bench.name}_predictions.png)", "",
               "Predictions on val images; classes marked * in the legend are unseen.", "",
               "Oracle gamma sweep (uses unseen labels: for analysis only, not for selection):", "",
@@ -319,7 +378,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--resume", action="store_true", help="skip rows with a result file; continue unfinished trainings")
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs and checkpoints from finished rows")
-    parser.add_argument("--rescore", action="store_true", help="re-evaluate the --rows' existing checkpoints (no training)")
+    parser.add_argument("--rescore", action="store_true", help="re-evaluate the --rows' existing checkpoints, gamma chosen again (no training)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = parser.parse_args(argv)
     out, docs = Path(args.out), Path(args.docs)
@@ -345,7 +404,14 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
             record = {"overrides": None, "metrics": metrics, "figure": preds}
         elif args.rescore:
             old = json.loads((out / f"{name}_result.json").read_text())
-            record = score_row(old, out / name / "last.pt", old["gamma"], val, bench.figure_ids)
+            gamma = old["gamma"]
+            if "data.zero_shot=false" not in old["overrides"]:  # choose gamma again, by today's rule
+                holdout = old.get("holdout", bench.holdout)  # results from before the holdout was recorded
+                cal = calibration_dir(bench, out, name, holdout) / "last.pt"
+                if not cal.is_file():
+                    raise SystemExit(f"--rescore {name}: no calibration model at {cal}")
+                gamma = calibrate(old, cal, holdout, args, val)
+            record = score_row(old, out / name / "last.pt", gamma, val, bench.figure_ids)
         else:
             record = run_row(bench, name, ROWS[name], args, out, val)
         # One file per row, so rows can run in separate processes and the report gathers them.
