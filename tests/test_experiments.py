@@ -61,6 +61,11 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     runner.main(bench, argv + ["--rows", "full", "--rescore"])
     rescored = json.loads((out / "full_result.json").read_text())
     assert rescored["gamma"] == full["gamma"] and rescored["calibration"]["best"] == full["calibration"]["best"]
+    runner.strip_checkpoint(out / "full" / "last.pt", tmp_path / "g.pt", gamma=full["gamma"] + 2.5)
+    regammad = load_checkpoint(tmp_path / "g.pt")  # the stored config agrees with the gamma the copy carries
+    assert regammad["gamma"] == regammad["config"]["train"]["gamma"] == full["gamma"] + 2.5
+    with pytest.raises(SystemExit, match="no result"):
+        runner.main(bench, argv + ["--rows", "no_glm", "--rescore"])
     # the fp16 benchmark checkpoint is small and re-scorable with the evaluate command
     small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot.pt"
     ckpt = load_checkpoint(small)

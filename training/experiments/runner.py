@@ -176,6 +176,8 @@ def strip_checkpoint(src: Path, dst: Path, gamma: float, half: bool = False) -> 
     slim = {k: ckpt[k] for k in ("format", "config", "step", "vocabulary", "text_cache", "embed_dim",
                                  "teacher_fingerprint", "dataset")}
     slim["text_cache"] = {c: small(e) for c, e in slim["text_cache"].items()}
+    slim["config"] = copy.deepcopy(slim["config"])
+    slim["config"]["train"]["gamma"] = gamma  # the row may have trained under a gamma chosen by an older rule
     slim.update({"model": keep, "gamma": gamma, "metrics": {}, "optimizer": None, "scheduler": None, "rng": None})
     save_checkpoint({k: v for k, v in slim.items() if k != "format"}, dst)
 
@@ -404,6 +406,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> None:
             metrics, preds = teacher_predictions(load_config(bench.config, list(args.overrides)), val, bench.figure_ids)
             record = {"overrides": None, "metrics": metrics, "figure": preds}
         elif args.rescore:
+            if not (out / f"{name}_result.json").is_file():
+                raise SystemExit(f"--rescore {name}: no result at {out / f'{name}_result.json'}; train the row first")
             old = json.loads((out / f"{name}_result.json").read_text())
             gamma = old["gamma"]
             if "data.zero_shot=false" not in old["overrides"]:  # choose gamma again, by today's rule
