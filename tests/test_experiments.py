@@ -118,3 +118,31 @@ def test_choose_gamma_prefers_zero_when_the_best_is_within_noise():
         assert info["best"] == -1.0 and info["-1.0"]["hIoU"] > info["0.0"]["hIoU"]  # the argmax would take -1
         assert info["se"] > info["-1.0"]["hIoU"] - info["0.0"]["hIoU"]
         assert gamma == 0.0
+
+
+def test_default_model_ships_fp16_card_results_and_scores_every_previous_model(tmp_path, monkeypatch, capsys):
+    from clipteacher.train.engine import train
+    from training.experiments import default_model
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2)
+    cfg = tiny_config(data, tmp_path / "run")
+    cfg.train.iters = 2
+    train(cfg, verbose=False)
+    pool = tmp_path / "pool"
+    (pool / "images").mkdir(parents=True)
+    Image.fromarray(synthetic_sample(np.random.default_rng(1))[0]).save(pool / "images" / default_model.UNSEEN_NAMES[0][0])
+    monkeypatch.setattr(default_model, "DATASETS", {"tiny": str(data)})
+    monkeypatch.setattr(default_model, "POOL", pool)
+    older = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for p in older:
+        p.write_bytes((tmp_path / "run" / "last.pt").read_bytes())
+    assets, docs = tmp_path / "assets", tmp_path / "docs"
+    default_model.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--previous", str(older[0]),
+                        "--previous", str(older[1]), "--assets", str(assets), "--docs", str(docs), "--gamma", "0.5"])
+    ckpt = load_checkpoint(assets / "default.pt")
+    assert ckpt["gamma"] == 0.5 and ckpt["optimizer"] is None
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert "default.pt" in (assets / "README.md").read_text()
+    results = (docs / "RESULTS.md").read_text()
+    assert all(f"| previous (`{p}`) | tiny |" in results for p in older)  # each replaced model scored
+    assert (docs / "default_unseen_names.png").is_file() and default_model.UNSEEN_NAMES[0][0] in results

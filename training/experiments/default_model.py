@@ -6,7 +6,7 @@
 Writes assets/default.pt (fp16 inference copy: student, config, vocabulary, text cache, gamma), its model
 card assets/README.md, docs/default_unseen_names.png (pool images segmented with names outside the
 training vocabulary) and the "default" section of docs/RESULTS.md: both val splits scored for the new
-model and, with --previous, for the model it replaces.
+model and, with --previous (repeatable), for the models it replaces.
 
 gamma: every class of both datasets is labelled in this run, so no class is left to calibrate it on
 inside the run itself; it takes the value the zero-shot benchmarks' calibration runs chose on held-aside
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.experiments.default_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="last.pt of a default_model.yaml run")
-    parser.add_argument("--previous", help="the model it replaces, scored beside it (e.g. from git history)")
+    parser.add_argument("--previous", action="append", default=[],
+                        help="a model it replaces, scored beside it (e.g. from git history); repeatable")
     parser.add_argument("--gamma", type=float, default=0.0, help="unseen bias stored in the model")
     parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
     parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
@@ -154,14 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
-                       + ([f"--previous {args.previous}"] if args.previous else []))
+                       + [f"--previous {p}" for p in args.previous])
     dst = Path(args.assets) / "default.pt"
     strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
     ckpt = load_checkpoint(dst)
     seg = Segmenter.from_state(ckpt, dst)  # one read for the card, the scores and the figure
     scores = {"new": score(seg, str(dst))}
-    if args.previous:
-        scores["previous"] = score(Segmenter.from_checkpoint(args.previous), args.previous)
+    for p in args.previous:
+        scores[p] = score(Segmenter.from_checkpoint(p), p)
     seconds = args.train_hours * 3600 if args.train_hours else None
     (Path(args.assets) / "README.md").write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
     shown = unseen_figure(seg, Path(args.docs) / "default_unseen_names.png", args.gamma)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
              "trained with all of them labelled, so U is not zero-shot for it).", "",
              "| model | val split | pAcc | mIoU | mIoU(S) | mIoU(U) |", "|---|---|---|---|---|---|"]
     for who, per in scores.items():
-        label = "default.pt" if who == "new" else f"previous (`{args.previous}`)"
+        label = "default.pt" if who == "new" else f"previous (`{who}`)"
         for d, m in per.items():
             lines.append(f"| {label} | {d} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     lines += ["", "Names it never trained on (marked *) on images of the unlabelled ImageNet pool, which the run saw "
