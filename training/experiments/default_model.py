@@ -44,12 +44,12 @@ UNSEEN_NAMES = [
 METRICS = ("pAcc", "mIoU", "mIoU(S)", "mIoU(U)")
 
 
-def score(seg: Segmenter, label: str) -> dict[str, dict]:
-    """{dataset: metrics} on each val split over all its classes (MMSeg means), at the model's gamma."""
+def score(seg: Segmenter, label: str, vals: dict) -> dict[str, dict]:
+    """{dataset: metrics} on each val split (`vals`: {dataset: folder}) over all its classes (MMSeg means),
+    at the model's gamma."""
     g = seg.gamma
     out = {}
-    for name, root in DATASETS.items():
-        val = build_dataset("folder", root, "val")
+    for name, val in vals.items():
         out[name] = sweep_gamma(seg, val, list(val.info.classes), seg.vocabulary, [g], list(val.info.unseen))[g]
         print(f"{label} on {name} val: " + " ".join(f"{k} {out[name][k]:.1f}" for k in METRICS), flush=True)
     return out
@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
     ckpt = load_checkpoint(dst)
     seg = Segmenter.from_state(ckpt, dst)  # one read for the card, the scores and the figure
-    scores = {"new": score(seg, str(dst))}
+    vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
+    scores = {"new": score(seg, str(dst), vals)}
     for p in args.previous:
-        scores[p] = score(Segmenter.from_checkpoint(p), p)
+        scores[p] = score(Segmenter.from_checkpoint(p), p, vals)
     seconds = args.train_hours * 3600 if args.train_hours else None
     (Path(args.assets) / "README.md").write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
     shown = unseen_figure(seg, Path(args.docs) / "default_unseen_names.png", args.gamma)

@@ -176,7 +176,6 @@ def strip_checkpoint(src: Path, dst: Path, gamma: float, half: bool = False) -> 
     slim = {k: ckpt[k] for k in ("format", "config", "step", "vocabulary", "text_cache", "embed_dim",
                                  "teacher_fingerprint", "dataset")}
     slim["text_cache"] = {c: small(e) for c, e in slim["text_cache"].items()}
-    slim["config"] = copy.deepcopy(slim["config"])
     slim["config"]["train"]["gamma"] = gamma  # the row may have trained under a gamma chosen by an older rule
     slim.update({"model": keep, "gamma": gamma, "metrics": {}, "optimizer": None, "scheduler": None, "rng": None})
     save_checkpoint({k: v for k, v in slim.items() if k != "format"}, dst)
