@@ -7,7 +7,7 @@
 # CLIPTEACHER_DEVICE=auto (default) falls back to the CPU with a warning naming the library that did not load;
 # -e CLIPTEACHER_DEVICE=cuda makes the container exit (code 2, that reason) instead; cpu never tries CUDA.
 #
-# The bundle is built into the image: stage "bundle" exports assets/default.pt with
+# The bundle is built into the image: stage "bundle" exports the model folder assets/default with
 # clipteacher-export (the export needs torch; that stage is thrown away). To serve another bundle,
 # mount it and point CLIPTEACHER_BUNDLE at it:
 #   docker run --gpus all -p 7860:7860 -v "$PWD/bundles/mine:/bundle:ro" -e CLIPTEACHER_BUNDLE=/bundle clipteacher-app
@@ -35,8 +35,8 @@ RUN pip install -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY clipteacher ./clipteacher
 RUN pip install --no-deps .
-COPY assets/default.pt ./assets/default.pt
-RUN clipteacher-export --checkpoint assets/default.pt --out /bundle
+COPY assets/default ./assets/default
+RUN clipteacher-export --checkpoint assets/default --out /bundle
 
 # ---------------------------------------------------------------- stage 2: the app
 FROM ${APP_BASE_IMAGE}

@@ -74,7 +74,7 @@ def test_image() -> np.ndarray:
 def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
     """Export `checkpoint` (default: an untrained student with the MSRC-21 config) with int8 and fp16."""
     from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
-    from clipteacher.train.config import load_config
+    from clipteacher.config import load_config
 
     teacher = None
     if checkpoint is None:

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clipteacher.app.service import Service
-    from clipteacher.cli.app import resolve_bundle
+    from clipteacher.runtime.resolve import resolve_bundle
     from clipteacher.runtime import Bundle
 
     bundle = Bundle(resolve_bundle(args.bundle), verbose=False, threads=args.threads)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kmeans_timing import time_kmeans_fusion
-from clipteacher.train.config import load_config
+from clipteacher.config import load_config
 from clipteacher.train.data import EpochSampler, TrainDataset
 from clipteacher.train.datasets import build_dataset
 from clipteacher.train.distill import Distiller, TeacherSource

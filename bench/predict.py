@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clipteacher.cli import predict
-    from clipteacher.cli.app import resolve_bundle
+    from clipteacher.runtime.resolve import resolve_bundle
     from clipteacher.runtime import Bundle
 
     bundle_dir = resolve_bundle(args.bundle)

@@ -204,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clipteacher.app.service import Service, load_image
-    from clipteacher.cli.app import resolve_bundle
+    from clipteacher.runtime.resolve import resolve_bundle
     from clipteacher.runtime import Bundle
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))

@@ -105,6 +105,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file, or of a model folder's weights and config (`clipteacher.checkpoint`):
+    changes when the model does."""
+    path = Path(path)
+    if path.is_dir():
+        parts = [sha256_file(path / name) for name in ("model.safetensors", "config.json")]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+    return sha256_file(path)
+
+
 def process_alive(pid: int) -> bool:
     """Whether process `pid` still runs (stale temporary files and folders are named by their writer's pid)."""
     try:

@@ -12,12 +12,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipteacher.train.checkpoint import load_checkpoint
-from clipteacher.train.config import Config, from_dict
-from clipteacher.train.data import to_tensor
+from clipteacher.checkpoint import load_checkpoint
+from clipteacher.config import Config, from_dict
 from clipteacher.io import resize_short
 from clipteacher.prompts import outside_vocabulary
 from clipteacher.models.student import Student, class_logits
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 def unseen_bias(classes: list[str], vocabulary: list[str], gamma: float) -> torch.Tensor:
@@ -62,7 +66,13 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "Segmenter":
+        """From a training checkpoint (.pt) or a model folder (`clipteacher.checkpoint`)."""
         return cls.from_state(load_checkpoint(path), path, device)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> "Segmenter":
+        """From a model folder (model.safetensors, config.json, README.md), e.g. assets/default."""
+        return cls.from_checkpoint(folder, device)
 
     @classmethod
     def from_state(cls, ckpt: dict, path: str | Path, device: str = "cpu") -> "Segmenter":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipteacher.train.config import Config, from_dict
+from clipteacher.config import Config, from_dict
 from clipteacher.train.datasets import write_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def tiny_bundle(base: Path) -> Path:
     if (out / "bundle.json").is_file():
         return out
     from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
-    from clipteacher.train.config import Config
+    from clipteacher.config import Config
 
     cfg = Config()
     cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 64

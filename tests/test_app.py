@@ -21,9 +21,10 @@ from clipteacher.app import service as svc
 from clipteacher.app import ui
 from clipteacher.app.ui import Handlers, guarded
 from clipteacher.cli import app as app_run
+from clipteacher.runtime import resolve as resolver
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.runtime import Bundle
-from clipteacher.train.config import PLMConfig
+from clipteacher.config import PLMConfig
 from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, start_app, tiny_bundle
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_gamma_moves_pixels_to_unseen_names(service, files):
 
 
 def test_glm_attention_matches_training(service, files):
-    from clipteacher.train.config import GLMConfig
+    from clipteacher.config import GLMConfig
     from clipteacher.train.glm import GlobalLearningModule
 
     image, _ = svc.load_image(files / "rgb.png")
@@ -395,39 +396,39 @@ def test_startup_messages(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("CLIPTEACHER_BUNDLE", raising=False)
     assert app_run.main(["--bundle", str(tmp_path / "nope")]) == 2
     assert "not a bundle folder" in capsys.readouterr().err
-    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
-    monkeypatch.setattr(app_run, "DEFAULT_CHECKPOINT", tmp_path / "missing.pt")
+    monkeypatch.setattr(resolver, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
+    monkeypatch.setattr(resolver, "DEFAULT_CHECKPOINT", tmp_path / "missing")
     assert app_run.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no default checkpoint" in err[0] and "--bundle" in err[0]
 
 
 def test_default_bundle_is_built_once_from_the_checkpoint(bundle_dir, tmp_path):
-    out = app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "default")
+    out = resolver.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", tmp_path / "bundles" / "default")
     assert (out / "bundle.json").is_file()
     assert Bundle(out, verbose=False).vocabulary == APP_SEEN
-    with pytest.raises(app_run.StartupError, match="already exists"):  # export/run.py's one line is passed on
-        app_run.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", out)
+    with pytest.raises(resolver.StartupError, match="already exists"):  # export/run.py's one line is passed on
+        resolver.build_default_bundle(bundle_dir.parent / "app_ckpt.pt", out)
 
 
 def test_default_bundle_is_rebuilt_when_the_default_model_changes(bundle_dir, tmp_path, monkeypatch, capsys):
-    import shutil
-
+    from clipteacher.checkpoint import load_checkpoint, save_model_folder
     from clipteacher.export.bundle import write_untrained_checkpoint
-    from clipteacher.train.config import Config
+    from clipteacher.config import Config
 
-    checkpoint = tmp_path / "default.pt"
-    shutil.copy(bundle_dir.parent / "app_ckpt.pt", checkpoint)
-    monkeypatch.setattr(app_run, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
-    monkeypatch.setattr(app_run, "DEFAULT_CHECKPOINT", checkpoint)
-    first = app_run.resolve_bundle(None)
+    model = tmp_path / "default"  # the default model is a model folder, as shipped (assets/default)
+    save_model_folder(load_checkpoint(bundle_dir.parent / "app_ckpt.pt"), model)
+    monkeypatch.setattr(resolver, "DEFAULT_BUNDLE", tmp_path / "bundles" / "default")
+    monkeypatch.setattr(resolver, "DEFAULT_CHECKPOINT", model)
+    first = resolver.resolve_bundle(None)
     assert Bundle(first, verbose=False).vocabulary == APP_SEEN
-    assert app_run.resolve_bundle(None) == first and "not the one" not in capsys.readouterr().out  # unchanged: kept
+    assert resolver.resolve_bundle(None) == first and "not the one" not in capsys.readouterr().out  # unchanged: kept
     cfg = Config()  # a new default model with another vocabulary, as after a pull
     cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 64
     cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 32, 64
-    write_untrained_checkpoint(cfg, APP_CLASSES, ["sky", "tree"], checkpoint)
-    again = app_run.resolve_bundle(None)
+    write_untrained_checkpoint(cfg, APP_CLASSES, ["sky", "tree"], tmp_path / "new.pt")
+    save_model_folder(load_checkpoint(tmp_path / "new.pt"), model, replace=True)
+    again = resolver.resolve_bundle(None)
     assert again == first and "not the one" in capsys.readouterr().out
     assert Bundle(again, verbose=False).vocabulary == ["sky", "tree"]
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["default"]
@@ -436,7 +437,7 @@ def test_default_bundle_is_rebuilt_when_the_default_model_changes(bundle_dir, tm
 def test_app_process_does_not_import_torch(bundle_dir, files):
     code = f"""
 import sys
-from clipteacher.cli.app import resolve_bundle
+from clipteacher.runtime.resolve import resolve_bundle
 from clipteacher.app.service import Service
 from clipteacher.app.ui import Handlers, build_demo, guarded
 from clipteacher.runtime import Bundle

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipteacher.train.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from clipteacher.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 MINIMAL = {"config": {}, "model": {}, "vocabulary": ["a"], "text_cache": {}, "embed_dim": 4, "gamma": 1.0}
 

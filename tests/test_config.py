@@ -1,6 +1,6 @@
 import pytest
 
-from clipteacher.train.config import ConfigError, Config, apply_overrides, from_dict, load_config, save_config
+from clipteacher.config import ConfigError, Config, apply_overrides, from_dict, load_config, save_config
 
 
 def test_overrides_and_types(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from clipteacher.train.config import DataConfig
+from clipteacher.config import DataConfig
 from clipteacher.train.data import EpochSampler, TrainDataset, crop_features
 from clipteacher.train.datasets import SegmentationFolder, write_folder_dataset
 

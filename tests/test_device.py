@@ -128,8 +128,8 @@ def test_paper_config_dry_run(kind, tmp_path):
     student backbone; 2 steps, a checkpoint, a resume, one validation. Reduced for CI: a tiny random CLIP and
     64-pixel crops (the full-size ViT-B/16 run is `training/run.py --dry-run`, README)."""
     from helpers import TINY_CLIP, make_official_layout
-    from clipteacher.train.checkpoint import load_checkpoint
-    from clipteacher.train.config import load_config
+    from clipteacher.checkpoint import load_checkpoint
+    from clipteacher.config import load_config
     from clipteacher.train.engine import dry_run
 
     root = make_official_layout(kind, tmp_path / kind)

@@ -266,5 +266,4 @@ def test_copied_sources_exist_and_are_not_ignored(stages):
                 continue
             for source in shlex.split(rest)[:-1]:
                 assert not any(source == i or source.startswith(i + "/") for i in ignored), source
-                if source != "assets/default.pt":  # the default model may not be trained yet
-                    assert (ROOT / source).exists(), source
+                assert (ROOT / source).exists(), source

@@ -9,7 +9,8 @@ from PIL import Image
 
 from helpers import make_dataset, synthetic_sample, tiny_config
 from clipteacher.cli import evaluate as evaluate_cli
-from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.checkpoint import inference_copy, load_checkpoint, save_checkpoint
+from clipteacher.train.gamma import choose_gamma
 from training.experiments import runner
 
 
@@ -42,7 +43,7 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     assert cal_cfg["data"]["heldout_fraction"] == 0.3 and cal_cfg["data"]["holdout"] == ["cow"]
     pool_cfg = yaml.safe_load((out / "full_pool" / "config.yaml").read_text())
     assert pool_cfg["data"]["extra"][0] == {"kind": "images", "root": str(pool), "split": "train", "val_split": "val",
-                                            "weight": 0.5}
+                                            "weight": 0.5, "exclude_probe": True}
     text = (docs / "RESULTS.md").read_text()
     assert "hand-written reading" in text and "| full_pool |" in text and "| teacher |" in text
     runner.main(bench, argv[:-2] + ["--report-only"])  # the section is replaced, not appended twice
@@ -61,16 +62,16 @@ def test_runner_rows_calibration_on_train_slice_docs_and_fp16_checkpoint(tmp_pat
     runner.main(bench, argv + ["--rows", "full", "--rescore"])
     rescored = json.loads((out / "full_result.json").read_text())
     assert rescored["gamma"] == full["gamma"] and rescored["calibration"]["best"] == full["calibration"]["best"]
-    runner.strip_checkpoint(out / "full" / "last.pt", tmp_path / "g.pt", gamma=full["gamma"] + 2.5)
+    save_checkpoint(inference_copy(load_checkpoint(out / "full" / "last.pt"), gamma=full["gamma"] + 2.5), tmp_path / "g.pt")
     regammad = load_checkpoint(tmp_path / "g.pt")  # the stored config agrees with the gamma the copy carries
     assert regammad["gamma"] == regammad["config"]["train"]["gamma"] == full["gamma"] + 2.5
     with pytest.raises(SystemExit, match="no result"):
         runner.main(bench, argv + ["--rows", "no_glm", "--rescore"])
     # the fp16 benchmark checkpoint is small and re-scorable with the evaluate command
-    small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot.pt"
+    small = tmp_path / "assets" / "benchmarks" / "tiny_zeroshot"
     ckpt = load_checkpoint(small)
     assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
-    assert ckpt["optimizer"] is None and ckpt["gamma"] == full["gamma"]
+    assert "optimizer" not in ckpt and ckpt["gamma"] == full["gamma"]
     capsys.readouterr()
     assert evaluate_cli.main(["--checkpoint", str(small), "--data", str(data), "--out", str(tmp_path / "e.json")]) == 0
     assert evaluate_cli.main(["--checkpoint", str(out / "full" / "last.pt"), "--data", str(data),
@@ -101,7 +102,7 @@ def test_choose_gamma_takes_a_clear_peak_away_from_zero():
     wrong = np.array([[50, 0], [50, 0]])  # the pseudo-unseen class never predicted: hIoU 0
     per_image = _images([wrong, wrong, right], 30)
     for seed in range(5):  # any bootstrap draw: every image is better at gamma 1
-        gamma, info = runner.choose_gamma(per_image, gammas, classes, unseen, resamples=50, seed=seed)
+        gamma, info = choose_gamma(per_image, gammas, classes, unseen, resamples=50, seed=seed)
         assert gamma == 1.0 and info["best"] == 1.0 and info["1.0"]["hIoU"] == 100.0
 
 
@@ -114,7 +115,7 @@ def test_choose_gamma_prefers_zero_when_the_best_is_within_noise():
     # slice by one image, far less than what resampling the images moves.
     per_image = np.concatenate([_images([right, wrong, half], 21), _images([wrong, right, half], 20)])
     for seed in range(5):
-        gamma, info = runner.choose_gamma(per_image, gammas, classes, unseen, resamples=200, seed=seed)
+        gamma, info = choose_gamma(per_image, gammas, classes, unseen, resamples=200, seed=seed)
         assert info["best"] == -1.0 and info["-1.0"]["hIoU"] > info["0.0"]["hIoU"]  # the argmax would take -1
         assert info["se"] > info["-1.0"]["hIoU"] - info["0.0"]["hIoU"]
         assert gamma == 0.0
@@ -139,10 +140,10 @@ def test_default_model_ships_fp16_card_results_and_scores_every_previous_model(t
     assets, docs = tmp_path / "assets", tmp_path / "docs"
     default_model.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--previous", str(older[0]),
                         "--previous", str(older[1]), "--assets", str(assets), "--docs", str(docs), "--gamma", "0.5"])
-    ckpt = load_checkpoint(assets / "default.pt")
-    assert ckpt["gamma"] == 0.5 and ckpt["optimizer"] is None
+    ckpt = load_checkpoint(assets / "default")  # a model folder: safetensors weights, config.json, card
+    assert ckpt["gamma"] == 0.5 == ckpt["config"]["train"]["gamma"] and "optimizer" not in ckpt
     assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
-    assert "default.pt" in (assets / "README.md").read_text()
+    assert "assets/default" in (assets / "default" / "README.md").read_text()
     results = (docs / "RESULTS.md").read_text()
     assert all(f"| previous (`{p}`) | tiny |" in results for p in older)  # each replaced model scored
     assert (docs / "default_unseen_names.png").is_file() and default_model.UNSEEN_NAMES[0][0] in results

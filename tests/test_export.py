@@ -16,8 +16,8 @@ from clipteacher.export.bundle import OPSET, export_bundle, write_untrained_chec
 from clipteacher.runtime.clip_tokenizer import ClipTokenizer
 from clipteacher.cli.export import main as export_main
 from clipteacher.runtime.bundle import Bundle, resize_short, to_input
-from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
-from clipteacher.train.config import Config
+from clipteacher.checkpoint import load_checkpoint, save_checkpoint
+from clipteacher.config import Config
 from clipteacher.predictor import Segmenter, predict_logits, unseen_bias
 from helpers import MSRC, ROOT, TINY_CLIP
 

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clipteacher.train.config import GLMConfig
+from clipteacher.config import GLMConfig
 from clipteacher.train.glm import CLSTokenBank, GlobalLearningModule
 
 

@@ -275,7 +275,7 @@ def test_region_defaults_are_the_training_defaults():
     import inspect
 
     from clipteacher.pseudo import regions_for_image
-    from clipteacher.train.config import PLMConfig
+    from clipteacher.config import PLMConfig
 
     params = inspect.signature(regions_for_image).parameters
     for name, value in PLMConfig().region_kwargs().items():

@@ -10,8 +10,8 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
-from clipteacher.train import config as config_module
-from clipteacher.train.config import Config, ConfigError, apply_overrides
+from clipteacher import config as config_module
+from clipteacher.config import Config, ConfigError, apply_overrides
 from helpers import ROOT
 
 TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",

@@ -76,3 +76,31 @@ def test_dense_distill_loss_matches_hand_example():
     labels = torch.tensor([[[255, 255], [0, 255]]])  # cell (1, 1) is unlabelled but its token is zero: skipped
     loss = dense_distill_loss(unit, dense, labels, torch.ones(1, 2, 2, dtype=torch.bool))
     assert abs(float(loss) - 1.0) < 1e-5  # (0 + 2) / 2
+
+
+def test_vocab_distill_matches_hand_example():
+    # one cell; student points at name 0, teacher at name 1; tau 1: KL = (e - 1) / (e + 1)
+    from clipteacher.train.losses import vocab_distill_loss
+
+    unit = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    dense = torch.tensor([0.0, 3.0]).view(1, 2, 1, 1)  # not unit: the loss normalises the teacher token
+    text = torch.eye(2)
+    expected = (math.e - 1) / (math.e + 1)
+    assert abs(float(vocab_distill_loss(unit, dense, text, 1.0)) - expected) < 1e-5
+    assert float(vocab_distill_loss(unit, unit * 2, text, 0.05)) < 1e-6  # same direction: no loss
+
+
+def test_vocab_distill_pools_student_to_teacher_grid_and_skips_padding():
+    from clipteacher.train.losses import vocab_distill_loss
+
+    text = torch.eye(2)
+    # 2 x 2 student cells averaging to name 0, one teacher token pointing at name 1, and a zero (padding) token
+    unit = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2]]).T.reshape(1, 2, 1, 2).repeat(1, 1, 2, 2), dim=1)
+    dense = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).T.reshape(1, 2, 1, 2)
+    expected = (math.e - 1) / (math.e + 1)
+    assert abs(float(vocab_distill_loss(unit, dense, text, 1.0)) - expected) < 1e-5
+    # every cell padding: a zero loss that still backpropagates
+    unit.requires_grad_(True)
+    zero = vocab_distill_loss(unit, torch.zeros(1, 2, 1, 2), text, 1.0)
+    zero.backward()
+    assert float(zero.detach()) == 0.0

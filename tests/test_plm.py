@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY_CLIP
-from clipteacher.train.config import PLMConfig, TeacherConfig
-from clipteacher.train.data import to_tensor
+from clipteacher.config import PLMConfig, TeacherConfig
+from clipteacher.predictor import to_tensor
 from clipteacher.train.datasets import SegmentationFolder
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels, region_means
 from clipteacher.train.teacher_cache import TeacherCache, data_signature

@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 
 from helpers import make_dataset, synthetic_sample, tiny_config
-from clipteacher.train.checkpoint import load_checkpoint
-from clipteacher.train.config import ConfigError, load_config
+from clipteacher.checkpoint import load_checkpoint
+from clipteacher.config import ConfigError, load_config
 from clipteacher.train.data import MixtureSampler
 from clipteacher.train.datasets import DatasetInfo, write_folder_dataset
 from clipteacher.train.engine import train
 from clipteacher.train.losses import nel_loss
 from clipteacher.train.plm import PixelLearningModule
-from clipteacher.train.config import PLMConfig
+from clipteacher.config import PLMConfig
 from clipteacher.train.sources import ImagePool, heldout_split, vocabularies
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipteacher.train.config import TeacherConfig
+from clipteacher.config import TeacherConfig
 from clipteacher.models.teachers import (ClipTeacher, ConSETeacher, MiniLMTextEncoder, TeacherOutput, WeightsError,
                                build_teacher, minilm_folder)
 from helpers import MSRC, TINY_CLIP

@@ -12,7 +12,7 @@ from PIL import Image
 
 from helpers import make_dataset, tiny_config
 from clipteacher.cli import train as run
-from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.checkpoint import load_checkpoint
 from clipteacher.train.engine import train
 
 ROOT = Path(__file__).resolve().parents[1]

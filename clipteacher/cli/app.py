@@ -3,7 +3,7 @@
     clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
                     [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB]
 
-Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from assets/default.pt by
+Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from the model folder assets/default by
 `clipteacher-export` in a subprocess when missing or made from another checkpoint (the export needs
 torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
 CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB,
@@ -18,79 +18,12 @@ answered "busy, try again" (HTTP 503) at once instead of waiting without bound.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
-from clipteacher.io import sha256_file
-
-ROOT = Path(__file__).resolve().parents[2]  # the repository checkout (clipteacher is installed editable)
-
-DEFAULT_BUNDLE = ROOT / "bundles" / "default"
-DEFAULT_CHECKPOINT = ROOT / "assets" / "default.pt"
-
-
-class StartupError(RuntimeError):
-    """The app cannot start; the message says why and what to do."""
-
-
-def build_default_bundle(checkpoint: Path | None = None, out: Path | None = None) -> Path:
-    """Export `checkpoint` to `out` with `python -m clipteacher.cli.export` in a subprocess (once; torch stays
-    out of this process).
-
-    Defaults are read at call time (DEFAULT_CHECKPOINT, DEFAULT_BUNDLE), so they can be redirected.
-    """
-    checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
-    out = DEFAULT_BUNDLE if out is None else out
-    if not checkpoint.is_file():
-        raise StartupError(f"no bundle at {out} and no default checkpoint at {checkpoint}. Train and export a model "
-                           f"(python training/run.py --config training/configs/msrc21.yaml, then python export/run.py "
-                           f"--checkpoint runs/msrc21/last.pt --out {out}) or pass --bundle DIR")
-    print(f"building the bundle {out} from {checkpoint} (once) ...", flush=True)
-    res = subprocess.run([sys.executable, "-m", "clipteacher.cli.export", "--checkpoint", str(checkpoint),
-                          "--out", str(out)], capture_output=True, text=True)
-    if res.returncode != 0:
-        lines = (res.stderr or res.stdout).strip().splitlines() or [f"exit code {res.returncode}"]
-        raise StartupError(f"building {out} from {checkpoint} failed: {lines[-1]}")
-    return out
-
-
-def resolve_bundle(folder: str | None) -> Path:
-    if folder:
-        path = Path(folder)
-        if not (path / "bundle.json").is_file():
-            raise StartupError(f"--bundle {folder}: not a bundle folder (no bundle.json); make one with "
-                               f"python export/run.py --checkpoint CKPT --out {folder}")
-        return path
-    if (DEFAULT_BUNDLE / "bundle.json").is_file():
-        if not DEFAULT_CHECKPOINT.is_file() or built_from(DEFAULT_BUNDLE) == sha256_file(DEFAULT_CHECKPOINT):
-            return DEFAULT_BUNDLE
-        # The default model changed (a pull or a new release): rebuild beside the old bundle, then swap.
-        print(f"the default model {DEFAULT_CHECKPOINT} is not the one {DEFAULT_BUNDLE} was built from", flush=True)
-        fresh = DEFAULT_BUNDLE.with_name(DEFAULT_BUNDLE.name + ".rebuild")
-        shutil.rmtree(fresh, ignore_errors=True)
-        build_default_bundle(DEFAULT_CHECKPOINT, fresh)
-        old = DEFAULT_BUNDLE.with_name(DEFAULT_BUNDLE.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(DEFAULT_BUNDLE, old)
-        os.replace(fresh, DEFAULT_BUNDLE)
-        shutil.rmtree(old, ignore_errors=True)
-        return DEFAULT_BUNDLE
-    return build_default_bundle()
-
-
-def built_from(bundle: Path) -> str | None:
-    """sha256 of the checkpoint a bundle was exported from (None for bundles that did not record it)."""
-    try:
-        return json.loads((bundle / "bundle.json").read_text())["source"].get("checkpoint_sha256")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-
+from clipteacher.runtime.resolve import StartupError, resolve_bundle
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -99,7 +32,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipteacher-app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default=os.environ.get("CLIPTEACHER_BUNDLE") or None,
-                        help="exported bundle folder (default: bundles/default, built from assets/default.pt when needed)")
+                        help="exported bundle folder (default: bundles/default, built from assets/default when needed)")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
     parser.add_argument("--precision", default=os.environ.get("CLIPTEACHER_PRECISION", "fp32"),

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calibration-images must be at least 1")
 
     from clipteacher.models.weights import WeightsError
-    from clipteacher.train.config import ConfigError
+    from clipteacher.config import ConfigError
 
     try:
         # heavy imports (torch, onnx) after argument parsing

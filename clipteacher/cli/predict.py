@@ -78,7 +78,7 @@ def read_names_file(path: str) -> str:
 def open_service(args):
     """The app's Service on the bundle (the default bundle is built on first use), with the names embedded."""
     from clipteacher.app.service import Service
-    from clipteacher.cli.app import StartupError, resolve_bundle
+    from clipteacher.runtime.resolve import StartupError, resolve_bundle
     from clipteacher.runtime import Bundle
 
     try:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
-from clipteacher.train.config import Config, ConfigError, apply_overrides
+from clipteacher.config import Config, ConfigError, apply_overrides
 
 
 def write_views(out: Path, name: str, image: np.ndarray, maps: list[np.ndarray], fused: np.ndarray,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from tqdm import tqdm
 
-        from clipteacher.train.data import to_tensor
+        from clipteacher.predictor import to_tensor
         from clipteacher.models.teachers import build_teacher
 
         teacher = build_teacher(cfg.teacher)

@@ -13,14 +13,14 @@ import argparse
 import os
 import sys
 
-from clipteacher.train.config import ConfigError, load_config
+from clipteacher.config import ConfigError, load_config
 from clipteacher.io import DatasetError
 from clipteacher.models.weights import WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipteacher-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (fields of clipteacher/train/config.py)")
+    parser.add_argument("--config", help="YAML config file (fields of clipteacher/config.py)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from a checkpoint (default: <train.out_dir>/last.pt)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -31,16 +31,17 @@ import onnxruntime as ort
 import torch
 
 from clipteacher.export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
-from clipteacher.runtime.bundle import BUNDLE_FORMAT
-from clipteacher.io import read_image_file, resize_short, sha256_file
-from clipteacher.train.checkpoint import save_checkpoint
-from clipteacher.train.config import Config
+from clipteacher.runtime.bundle import BUNDLE_FORMAT, HUBNESS_DEFAULT, HUBNESS_STRENGTH
+from clipteacher.io import model_digest, read_image_file, resize_short, sha256_file
+from clipteacher.checkpoint import model_record, save_checkpoint
+from clipteacher.config import Config
 from clipteacher.predictor import Segmenter
 from clipteacher.models.student import Student
 from clipteacher.models.teachers import MINILM_MAX_TOKENS, Teacher, build_teacher, minilm_folder
 
 OPSET = 17
 CALIBRATION_IMAGES = 32  # int8 activation ranges come from this many training images
+REFERENCE_IMAGES = 96  # hubness reference: training images whose student features give each name's expected score
 CALIBRATION_PERCENTILE = 99.99  # of each activation's values: clips rare outliers, finer steps for the rest
 # The student modules quantised to int8 (node-name prefixes of the exported graph): the head's two 1x1
 # convolutions at stride 4. Every other layer costs more label agreement than it saves time; measured
@@ -135,6 +136,49 @@ def calibration_images(cfg: Config, n: int = CALIBRATION_IMAGES, sources: list[s
         crop = im[y: y + size, x: x + size]
         out.append(np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0)
     return out, origin
+
+
+def reference_images(cfg: Config, n: int = REFERENCE_IMAGES) -> tuple[list[np.ndarray], str]:
+    """Up to n training images (H x W x 3 uint8 at short side eval_size), spread evenly over the run's sources
+    (`data` and `data.extra`; an unlabelled pool counts, without its probe images), and where they came from.
+    ([], reason) when none of them is on this machine."""
+    from clipteacher.train.sources import ImagePool
+    from clipteacher.config import SourceConfig
+    from clipteacher.train.datasets import build_dataset
+
+    folders, missing = [], []
+    primary = SourceConfig(kind=cfg.data.kind, root=cfg.data.root, split=cfg.data.train_split, val_split="")
+    for src in (primary, *cfg.data.extra):
+        try:
+            folders.append(ImagePool(src.root, src.exclude_probe) if src.kind == "images"
+                           else build_dataset(src.kind, src.root, src.split))
+        except Exception as err:  # noqa: BLE001 - a source not on this machine is left out and named
+            missing.append(f"{src.root} ({type(err).__name__})")
+    if not folders:
+        return [], f"no training images on this machine: {', '.join(missing)}"
+    each = max(1, n // len(folders))
+    images = []
+    for f in folders:
+        picks = np.unique(np.linspace(0, len(f) - 1, min(each, len(f))).astype(int))
+        images += [resize_short(f.read_image(int(i)), cfg.data.eval_size) for i in picks]
+    origin = f"{len(images)} training images of {', '.join(str(f.root) for f in folders)}"
+    return images, origin + (f" (not found: {', '.join(missing)})" if missing else "")
+
+
+@torch.no_grad()
+def feature_mean(student: Student, images: list[np.ndarray]) -> np.ndarray:
+    """D: the mean unit student feature over every feature cell of `images` (H x W x 3 uint8 each).
+
+    A name's expected cosine under the training images is then one dot product (`Bundle.hubness_bias`)."""
+    from clipteacher.predictor import to_tensor
+
+    total, cells = None, 0
+    for im in images:
+        unit = torch.nn.functional.normalize(student(to_tensor(im)[None]), dim=1)[0]  # D x h x w
+        s = unit.flatten(1).sum(1)
+        total = s if total is None else total + s
+        cells += unit.shape[1] * unit.shape[2]
+    return (total / cells).numpy().astype(np.float32)
 
 
 def quantize_int8(src: Path, dst: Path, images: list[np.ndarray], modules: tuple[str, ...] = INT8_MODULES) -> list[str]:
@@ -295,12 +339,23 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         else:
             files["student_fp16"] = "student.fp16.onnx"
 
+    log("export: hubness reference")
+    ref_images, origin = reference_images(cfg)
+    hubness = None
+    if ref_images:
+        hubness = {"mean": [float(v) for v in feature_mean(student, ref_images)], "strength": HUBNESS_STRENGTH,
+                   "default": HUBNESS_DEFAULT, "reference": origin}
+    else:
+        log(f"export: no hubness reference ({origin}); the bundle serves without the correction")
+        notes["hubness"] = origin
+
     names = list(seg.text_cache)
     meta = {
         "format": BUNDLE_FORMAT,
         "files": files,
         "vocabulary": list(seg.vocabulary),
         "gamma": float(seg.gamma),
+        "hubness": hubness,
         "logit_scale": float(cfg.student.logit_scale),
         "embed_dim": dim,
         "feature_stride": int(stride),
@@ -316,7 +371,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
                     "templates": list(cfg.teacher.templates), "tokenizer": tokenizer},
         # float32 -> Python float -> JSON round-trips exactly
         "text_cache": {"names": names, "embeddings": [[float(v) for v in seg.text_cache[n].float()] for n in names]},
-        "source": {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+        "source": {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": model_digest(checkpoint),
                    "student_backbone": cfg.student.backbone},
         "versions": versions(),
         "notes": notes,
@@ -363,9 +418,7 @@ def write_untrained_checkpoint(cfg: Config, classes: list[str], vocabulary: list
     text = teacher.encode_text(list(classes), cfg.teacher.templates)
     torch.manual_seed(cfg.train.seed)
     student = Student(cfg.student, teacher.embed_dim)
-    save_checkpoint({
-        "config": cfg.to_dict(), "model": {f"student.{k}": v for k, v in student.state_dict().items()},
-        "vocabulary": list(vocabulary), "text_cache": dict(zip(classes, text)), "embed_dim": teacher.embed_dim,
-        "gamma": cfg.train.gamma, "teacher_fingerprint": teacher.fingerprint(), "step": 0, "metrics": {},
-    }, path)
+    save_checkpoint(model_record(cfg.to_dict(), {f"student.{k}": v for k, v in student.state_dict().items()},
+                                 vocabulary, dict(zip(classes, text)), teacher.embed_dim, cfg.train.gamma,
+                                 teacher.fingerprint()), path)
     return teacher

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
-from clipteacher.train.config import StudentConfig
+from clipteacher.config import StudentConfig
 
 def create_backbone(name: str, pretrained: bool) -> nn.Module:
     """timm backbone with `features_only=True` (every stage; `stride_stages` picks strides 4-32).

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from clipteacher.prompts import check_templates, fill
 from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
-from clipteacher.train.config import TeacherConfig
+from clipteacher.config import TeacherConfig
 
 MINILM_MAX_TOKENS = 128
 

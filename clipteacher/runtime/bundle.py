@@ -9,6 +9,7 @@ or step by step, so a new vocabulary never re-runs the image pass:
     feats = bundle.image_features(image)                                # 1 x D x h x w float32
     text = bundle.embed_text(["cow", "grass", "zebra"])                 # C x D float32, unit rows
     bias = bundle.unseen_bias(["cow", "grass", "zebra"])                # C float32: +gamma outside the training vocabulary
+    bias += bundle.hubness_bias(text)                                   # C float32: hubness correction (when on)
     labels, logits = bundle.classify(feats, text, bias, out_size=image.shape[:2])  # H x W int64, C x h x w float32
     cls, dense = bundle.teacher_tokens(image)                           # D, D x h' x w' (unit; teacher space)
 
@@ -39,6 +40,10 @@ from clipteacher.prompts import check_templates, fill, outside_vocabulary
 from clipteacher.runtime.providers import open_session
 
 BUNDLE_FORMAT = "clipteacher-bundle-v1"
+# Hubness correction (docs/METHOD.md#hubness-correction): each name's logit minus strength x its expected
+# logit under the student's features of training images. Written into bundle.json at export.
+HUBNESS_STRENGTH = 1.0
+HUBNESS_DEFAULT = False
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
 log = logging.getLogger(__name__)
 
@@ -171,7 +176,8 @@ class Bundle:
                 size: int | None = None) -> np.ndarray:
         """H x W x 3 uint8 RGB -> H x W int64 indices into `names` (unseen names get +gamma)."""
         features = self.image_features(image, size)
-        labels, _ = self.classify(features, self.embed_text(names), self.unseen_bias(names, gamma), image.shape[:2])
+        text = self.embed_text(names)
+        labels, _ = self.classify(features, text, self.unseen_bias(names, gamma) + self.hubness_bias(text), image.shape[:2])
         return labels
 
     def teacher_tokens(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +195,26 @@ class Bundle:
         """C float32: gamma (default the bundle's) for names outside the training vocabulary, 0 otherwise."""
         g = self.gamma if gamma is None else float(gamma)
         return np.array([g if out else 0.0 for out in outside_vocabulary(names, self.vocabulary)], dtype=np.float32)
+
+    @property
+    def has_hubness(self) -> bool:
+        """The bundle carries a hubness reference (bundles exported before it, or without training images, do not)."""
+        return bool(self.meta.get("hubness"))
+
+    def hubness_bias(self, class_embeddings: np.ndarray, on: bool | None = None) -> np.ndarray:
+        """C float32 to add to the logits: -strength x logit_scale x (each name's mean cosine over the reference
+        features), so a name that scores high everywhere (a hub) no longer wins everywhere. One dot product per
+        name; the image pass is untouched. on: None = the bundle's default; zeros when off."""
+        text = np.asarray(class_embeddings, dtype=np.float32)
+        ref = self.meta.get("hubness")
+        if on is None:
+            on = bool(ref and ref.get("default"))
+        if not on:
+            return np.zeros(len(text), np.float32)
+        if not ref:
+            raise ValueError(f"bundle {self.folder} has no hubness reference; export it again to add one")
+        mean = np.asarray(ref["mean"], dtype=np.float32)
+        return (-float(ref["strength"]) * self.logit_scale * (text @ mean)).astype(np.float32)
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         """texts -> dict(input_ids B x L int64, attention_mask B x L int64), as the teacher's tokenizer."""

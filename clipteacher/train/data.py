@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from clipteacher.train.config import DataConfig
+from clipteacher.config import DataConfig
 from clipteacher.io import resize_short
+from clipteacher.predictor import to_tensor
 from clipteacher.train.datasets import DatasetInfo, SegmentationFolder
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """H x W x 3 uint8 -> 3 x H x W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 # Crop bookkeeping of a training batch: read on the host only (teacher cache lookup), never by a model.

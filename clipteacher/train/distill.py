@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipteacher.train.config import Config
+from clipteacher.config import Config
 from clipteacher.train.glm import GlobalLearningModule
-from clipteacher.train.losses import dense_distill_loss, nel_loss
+from clipteacher.train.losses import dense_distill_loss, nel_loss, vocab_distill_loss
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
 from clipteacher.train.teacher_cache import CacheSet, TeacherCache
@@ -72,9 +72,10 @@ class Distiller(nn.Module):
     """Student + GLM + PLM. forward(...) -> dict of weighted loss terms (their sum is the objective)."""
 
     def __init__(self, cfg: Config, embed_dim: int, text_seen: torch.Tensor, ignore_index: int = 255,
-                 vocab_mask: torch.Tensor | None = None):
+                 vocab_mask: torch.Tensor | None = None, text_vocab: torch.Tensor | None = None):
         """text_seen: C_s x D, the training vocabulary (union over sources); vocab_mask: S x C_s bool, which
-        of those classes source s may score (`clipteacher.train.sources.Sources.mask`; default: one source, all)."""
+        of those classes source s may score (`clipteacher.train.sources.Sources.mask`; default: one source, all);
+        text_vocab: V x D unit embeddings of the vocabulary-distillation names (needed when loss.vocab_weight > 0)."""
         super().__init__()
         self.cfg = cfg
         self.ignore_index = ignore_index
@@ -85,6 +86,10 @@ class Distiller(nn.Module):
         self.register_buffer("text_seen", text_seen.clone())
         mask = torch.ones(1, text_seen.shape[0], dtype=torch.bool) if vocab_mask is None else vocab_mask.clone()
         self.register_buffer("vocab_mask", mask, persistent=False)  # rebuilt from the config, not a weight
+        if cfg.loss.vocab_weight > 0 and text_vocab is None:
+            raise ValueError("loss.vocab_weight > 0 needs the vocabulary's text embeddings (text_vocab)")
+        vocab = torch.zeros(0, embed_dim) if text_vocab is None else text_vocab.clone()
+        self.register_buffer("text_vocab", vocab, persistent=False)  # fixed; rebuilt from the teacher at every start
         self.amp: torch.dtype | None = None  # autocast dtype of the student's forward (None = float32); set by the engine
 
     def pseudo_labels(self, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
@@ -99,7 +104,7 @@ class Distiller(nn.Module):
                 pseudo: torch.Tensor | None, source: torch.Tensor | None = None,
                 dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D, source: B (each image's source number;
-        None = all from source 0), dense: B x D x h x w teacher tokens (only read when loss.dense_weight > 0)."""
+        None = all from source 0), dense: B x D x h x w teacher tokens (only read when loss.dense_weight or loss.vocab_weight > 0)."""
         lc, scale = self.cfg.loss, self.cfg.student.logit_scale
         # One source: no mask, the single-dataset losses exactly. Several: each image scores its own vocabulary.
         mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
@@ -118,6 +123,8 @@ class Distiller(nn.Module):
             losses["glm"] = lc.glm_weight * self.glm(cls, feats)
         if lc.dense_weight > 0 and dense is not None:
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
+        if lc.vocab_weight > 0 and dense is not None:
+            losses["vocab"] = lc.vocab_weight * vocab_distill_loss(unit, dense, self.text_vocab, lc.vocab_temperature, valid)
         if self.use_plm and pseudo is not None:
             plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale, mask)
             if lc.ce_weight > 0:

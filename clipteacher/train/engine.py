@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from clipteacher.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from clipteacher.train.config import Config, ConfigError, save_config
+from clipteacher.checkpoint import (load_checkpoint, model_record, rng_state, save_checkpoint, set_rng_state,
+                                    training_checkpoint)
+from clipteacher.config import Config, ConfigError, save_config
 from clipteacher.train.data import EpochSampler, EvalDataset, MixedDataset, MixtureSampler, TrainDataset, to_device
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
 from clipteacher.train.distill import Distiller, TeacherSource
@@ -32,7 +33,7 @@ from clipteacher.train.metrics import ConfusionMatrix, summarize
 from clipteacher.predictor import predict_logits, unseen_bias
 from clipteacher.train.sources import Sources, open_sources
 from clipteacher.train.teacher_cache import CacheSet, TeacherCache
-from clipteacher.models.teachers import build_teacher
+from clipteacher.models.teachers import build_teacher, imagenet_class_names
 
 # Config fields that define the weights: a checkpoint made with other values cannot be resumed.
 MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kind"), ("teacher", "clip_model"),
@@ -105,32 +106,47 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
 
 
 @torch.no_grad()
+def image_logits(student, folder: SegmentationFolder, text: torch.Tensor, scale: float, bias: torch.Tensor,
+                 size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
+                 limit: int = 0):
+    """The evaluation loop: yields (logits 1 x C x H x W on `device`, label H x W uint8 numpy) per image of this
+    rank's shard, the image resized to short side `size` and the logits brought back to the label's size.
+
+    text: C x D; bias: C; device: where the student lives (default CPU); limit > 0: the first `limit` images only."""
+    device = device or torch.device("cpu")
+    was_training = student.training
+    student.eval()
+    data = EvalDataset(folder, size)
+    try:
+        for i in tqdm(range(rank, min(len(data), limit) if limit > 0 else len(data), world), desc="evaluate",
+                      disable=not progress or rank != 0, leave=False):
+            item = data[i]
+            label = item["label"]
+            yield predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
+                                 tuple(label.shape), window), label.numpy()
+    finally:
+        student.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
              size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
              limit: int = 0, absent: str = "mmseg") -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
-    device: where the student lives; images, text and bias are moved there (default CPU).
-    limit > 0 scores only the first `limit` images; absent: which classes enter the means (`metrics.summarize`).
+    Arguments as `image_logits`; absent: which classes enter the means (`metrics.summarize`).
     """
     device = device or torch.device("cpu")
-    was_training = student.training
-    student.eval()
     info = folder.info
     cm = ConfusionMatrix(len(info.classes), info.ignore_index)
-    data = EvalDataset(folder, size)
-    for i in tqdm(range(rank, min(len(data), limit) if limit > 0 else len(data), world), desc="evaluate", disable=not progress or rank != 0, leave=False):
-        item = data[i]
-        label = item["label"]
-        logits = predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
-                                tuple(label.shape), window)
-        cm.update(logits.argmax(1)[0].cpu().numpy(), label.numpy())
+    for logits, label in image_logits(student, folder, text, scale, bias, size, window, rank, world, device,
+                                      progress, limit):
+        cm.update(logits.argmax(1)[0].cpu().numpy(), label)
     if world > 1:
         matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(matrix)
         cm.matrix = matrix.cpu().numpy()
-    student.train(was_training)
     return summarize(cm.matrix, info.classes, info.unseen, absent)
 
 
@@ -262,7 +278,23 @@ def check_inputs(cfg: Config, resume: str | None, verbose: bool, main: bool):
         path = Path(cfg.train.out_dir) / "last.pt" if resume == "auto" else Path(resume)
         ckpt = load_checkpoint(path)
         check_resumable(ckpt, cfg, path)
+        if not ckpt.get("optimizer"):
+            raise ConfigError(f"{path} is an inference copy (no optimiser state) and cannot be resumed; "
+                              f"fine-tune from it with train.init_from={path}")
+    if cfg.train.init_from:
+        check_resumable(load_checkpoint(cfg.train.init_from), cfg, Path(cfg.train.init_from))
     return train_set, val_set, ckpt
+
+
+def distillation_names(cfg: Config, dataset_names: list[str]) -> list[str]:
+    """The vocabulary of `loss.vocab_weight`: ImageNet's 1000 class names, every dataset class, `loss.vocab_file`'s lines."""
+    extra = []
+    if cfg.loss.vocab_file:
+        path = Path(cfg.loss.vocab_file)
+        if not path.is_file():
+            raise ConfigError(f"loss.vocab_file not found: {path}")
+        extra = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(imagenet_class_names() + list(dataset_names) + extra))
 
 
 def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationFolder, verbose: bool = True,
@@ -299,8 +331,11 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
             if world > 1:
                 dist.barrier()
 
+    text_vocab = None
+    if cfg.loss.vocab_weight > 0:
+        text_vocab = teacher.encode_text(distillation_names(cfg, names), cfg.teacher.templates).cpu()
     torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
-    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask()).to(device)
+    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab).to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
     groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
@@ -323,18 +358,28 @@ def restore(run: Run, ckpt: dict) -> None:
     set_rng_state(ckpt["rng"])
 
 
+def initialise(run: Run, path: str) -> None:
+    """Fine-tuning start: the learned weights of checkpoint `path` (its student must match this config's),
+    float32; the optimiser, schedule and step start fresh. Weights the checkpoint lacks (a PLM generator
+    of an inference copy) keep their initialisation."""
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, run.cfg, Path(path))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    missing, unexpected = run.core.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith("student.") for k in missing):
+        raise ValueError(f"train.init_from={path}: its weights do not fit this model "
+                         f"({', '.join((unexpected or [k for k in missing if k.startswith('student.')])[:3])} ...)")
+
+
 def save(run: Run, metrics: dict | None = None) -> None:
     """Write <out_dir>/last.pt (rank 0 only), with the config that rebuilds the model."""
     if not run.main:
         return
-    save_checkpoint({
-        "config": run.cfg.to_dict(), "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": run.state["step"],
-        "rng": rng_state(),
-        "vocabulary": run.vocabulary, "text_cache": run.text_cache, "embed_dim": run.teacher.embed_dim,
-        "gamma": run.cfg.train.gamma, "teacher_fingerprint": run.teacher.fingerprint(),
-        "dataset": run.train_set.info.name, "metrics": metrics or {},
-    }, run.out / "last.pt")
+    record = model_record(run.cfg.to_dict(), run.core.state_dict(), run.vocabulary, run.text_cache,
+                          run.teacher.embed_dim, run.cfg.train.gamma, run.teacher.fingerprint(),
+                          run.train_set.info.name, run.state["step"], metrics)
+    save_checkpoint(training_checkpoint(record, run.optimizer.state_dict(), run.scheduler.state_dict(),
+                                        run.scaler.state_dict(), rng_state()), run.out / "last.pt")
 
 
 def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
@@ -390,6 +435,8 @@ def train(cfg: Config, resume: str | None = None, verbose: bool = True) -> dict:
     run = build_run(cfg, train_set, val_set, verbose)
     if ckpt is not None:
         restore(run, ckpt)
+    elif cfg.train.init_from:
+        initialise(run, cfg.train.init_from)
     cuda = run.device.type == "cuda"
     model = DistributedDataParallel(run.core, device_ids=[run.device.index] if cuda else None) if run.world > 1 else run.core
     model.train()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipteacher.train.config import GLMConfig
+from clipteacher.config import GLMConfig
 
 
 class CLSTokenBank(nn.Module):

@@ -79,6 +79,32 @@ def dense_distill_loss(unit: torch.Tensor, dense: torch.Tensor, labels: torch.Te
     return (1 - cos)[keep].mean()
 
 
+def vocab_distill_loss(unit: torch.Tensor, dense: torch.Tensor, text: torch.Tensor, temperature: float,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of softmaxes over a large fixed vocabulary, per teacher token (beyond the paper:
+    docs/METHOD.md#vocabulary-distillation).
+
+    unit: B x D x h x w unit student features; dense: B x D x h' x w' teacher tokens aligned with the crop (zero
+    where the teacher saw only padding); text: V x D unit name embeddings; valid: B x h x w bool at the features'
+    resolution (False on padding). The student is average-pooled to the teacher's grid: the teacher says nothing
+    finer, and V is large (a thousand names), so scoring every stride-4 cell would cost 20x more for no new target.
+    Labelled and unlabelled cells alike: every name's score is constrained everywhere, not only the trained ones.
+    """
+    grid = dense.shape[-2:]
+    student = F.normalize(F.adaptive_avg_pool2d(unit, grid), dim=1)
+    norm = dense.float().norm(dim=1)
+    keep = norm > 1e-6
+    if valid is not None:
+        keep &= F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0] > 0.5
+    if not keep.any():
+        return unit.sum() * 0.0
+    s = student.permute(0, 2, 3, 1)[keep]  # N x D
+    t = (dense.float() / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
+    log_ps = F.log_softmax(s @ text.T / temperature, dim=-1)
+    log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
 def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, focal_weight: float,
              dice_weight: float, alpha: float = 0.25, gamma: float = 2.0,
              ignore_as_negative: bool = True, valid: torch.Tensor | None = None,

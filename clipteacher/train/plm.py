@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipteacher.pseudo import pseudo_label_map, pseudo_regions, token_ignore_mask
-from clipteacher.train.config import PLMConfig
+from clipteacher.config import PLMConfig
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ GLM and the PLM (every pixel is unlabelled to the PLM) and no NEL.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,22 +18,50 @@ import torch
 from PIL import Image
 
 from clipteacher.io import DatasetError
-from clipteacher.train.config import Config, SourceConfig
+from clipteacher.config import Config, SourceConfig
 from clipteacher.train.datasets import DatasetInfo, SegmentationFolder, _existing_dir, build_dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+PROBE_SIZE = 200  # images of a named pool kept for the open-vocabulary probe (training.experiments.probe)
+
+
+def name_hash(name: str) -> float:
+    """A file name's place in [0, 1), from its SHA-1: a split by it does not depend on order or count."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def pool_names(root: str | Path) -> dict[str, str]:
+    """file name -> class name of a pool that names its images (root/images.json, as imagenet_samples does);
+    {} for a pool without names."""
+    path = Path(root) / "images.json"
+    try:
+        images = json.loads(path.read_text())["images"]
+        return {str(k): str(v["name"]) for k, v in images.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or not in that layout
+        return {}
+
+
+def probe_ids(names: list[str], size: int = PROBE_SIZE) -> list[str]:
+    """The `size` file names with the lowest `name_hash`, sorted: the probe set of a named pool."""
+    return sorted(sorted(names, key=name_hash)[:size])
 
 
 class ImagePool(SegmentationFolder):
     """A folder of unlabelled images (root/images/ when it exists, else root), sorted by file name.
 
     Same reader interface as a dataset: `read_label` is all ignore (H x W uint8), the class list is empty.
+    exclude_probe: leave out the probe's images (`probe_ids`) when the pool names its images (images.json),
+    so that the open-vocabulary probe scores images no student trained on.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, exclude_probe: bool = True):
         root = _existing_dir(Path(root), "image pool folder")
         image_dir = root / "images" if (root / "images").is_dir() else root
         ids = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        named = pool_names(root)
+        if exclude_probe and named:
+            probe = set(probe_ids(list(named)))
+            ids = [i for i in ids if i not in probe]
         if not ids:
             raise DatasetError(f"image pool {image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         # ids are file names, so image_path needs no suffix; there is no label folder.
@@ -52,7 +81,7 @@ class ImagePool(SegmentationFolder):
 def open_source(src: SourceConfig) -> tuple[SegmentationFolder, SegmentationFolder | None]:
     """(training reader, val reader or None) of one `data.extra` entry."""
     if src.kind == "images":
-        return ImagePool(src.root), None
+        return ImagePool(src.root, src.exclude_probe), None
     return build_dataset(src.kind, src.root, src.split), (build_dataset(src.kind, src.root, src.val_split)
                                                           if src.val_split else None)
 
@@ -62,7 +91,7 @@ def heldout_split(ids: list[str], fraction: float) -> tuple[list[int], list[int]
     `fraction`, so the slice does not depend on the order or length of the split file."""
     if fraction <= 0:
         return list(range(len(ids))), []
-    u = [int(hashlib.sha1(s.encode()).hexdigest()[:8], 16) / 2**32 for s in ids]
+    u = [name_hash(s) for s in ids]
     return [i for i, x in enumerate(u) if x >= fraction], [i for i, x in enumerate(u) if x < fraction]
 
 

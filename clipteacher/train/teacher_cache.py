@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipteacher.train.data import crop_features, to_tensor
+from clipteacher.predictor import to_tensor
+from clipteacher.train.data import crop_features
 from clipteacher.train.datasets import SegmentationFolder
 
 

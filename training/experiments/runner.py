@@ -20,7 +20,7 @@ unseen labels are used only for the final scores on `val` and for an oracle swee
 
 Writes <out>/<row>_result.json per row, <out>/results.json, the benchmark's section of docs/RESULTS.md
 (between its begin/end markers; text outside them is kept), docs/<name>_predictions.png and, for the
-full method's row (`SHIPPED`), an fp16 inference copy assets/benchmarks/<name>_zeroshot.pt. The app's default model is
+full method's row (`SHIPPED`), an fp16 model folder assets/benchmarks/<name>_zeroshot/. The app's default model is
 made by training.experiments.default_model.
 """
 from __future__ import annotations
@@ -39,17 +39,16 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from dataclasses import dataclass, field
 
-from clipteacher.train.checkpoint import load_checkpoint, save_checkpoint
-from clipteacher.train.config import load_config, save_config
-from clipteacher.train.data import EvalDataset
+from clipteacher.checkpoint import inference_copy, load_checkpoint, save_model_folder
+from clipteacher.config import load_config, save_config
 from clipteacher.train.datasets import build_dataset
 from clipteacher.train.engine import train
 from clipteacher.train.metrics import ConfusionMatrix, summarize
-from clipteacher.predictor import Segmenter, predict_logits
+from clipteacher.predictor import Segmenter
 from clipteacher.models.teachers import build_teacher
+from clipteacher.train.gamma import GAMMAS, choose_gamma, gamma_confusions, sweep_gamma
 from clipteacher.train.sources import heldout_split
 
-GAMMAS = [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]  # either sign: the bias can go both ways
 POOL = "{pool}"  # stands for the --pool folder in row overrides
 ROWS = {
     "full": [],
@@ -84,70 +83,6 @@ class Benchmark:
 
 
 @torch.no_grad()
-def gamma_confusions(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float]):
-    """Yields, per image of `folder`, a G x C x C confusion count (one C x C per gamma) from one student pass.
-
-    classes: the label space scored (others in the ground truth become ignore); gamma goes to
-    every class outside `vocabulary`.
-    """
-    info = folder.info
-    lut = np.full(256, 255, dtype=np.int64)
-    for j, c in enumerate(classes):
-        lut[info.classes.index(c)] = j
-    text = seg.text_embeddings(classes)
-    outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32).view(-1, 1, 1)
-    data = EvalDataset(folder, seg.cfg.data.eval_size)
-    for i in range(len(data)):
-        item = data[i]
-        label = lut[item["label"].numpy()]
-        logits = predict_logits(seg.student, item["image"][None], text, seg.cfg.student.logit_scale,
-                                torch.zeros(len(classes)), tuple(label.shape))[0]
-        counts = []
-        for g in gammas:
-            cm = ConfusionMatrix(len(classes))
-            cm.update((logits + g * outside).argmax(0).numpy(), label)
-            counts.append(cm.matrix)
-        yield np.stack(counts)
-
-
-def sweep_gamma(seg: Segmenter, folder, classes: list[str], vocabulary: list[str], gammas: list[float],
-                unseen: list[str]) -> dict:
-    """{gamma: summary} over the whole of `folder`; `unseen` are the classes averaged into mIoU(U)."""
-    total = sum(gamma_confusions(seg, folder, classes, vocabulary, gammas))
-    return {g: summarize(total[k], classes, unseen) for k, g in enumerate(gammas)}
-
-
-def choose_gamma(per_image: np.ndarray, gammas: list[float], classes: list[str], unseen: list[str],
-                 resamples: int = 200, seed: int = 0) -> tuple[float, dict]:
-    """The one-standard-error rule: the gamma nearest 0 whose hIoU is within one bootstrap standard error
-    of the best gamma's.
-
-    per_image: N x G x C x C confusion counts (`gamma_confusions`). The standard error comes from
-    `resamples` bootstrap resamples of the images. Why not the plain argmax: a held-aside slice of a few
-    hundred images measures hIoU to a point or two, and its pseudo-unseen classes are not the real unseen
-    ones; a gamma away from 0 claims the model is biased, so the slice must show that beyond its own noise
-    (with a flat curve the argmax is noise: SIFT Flow, docs/RESULTS.md).
-    Returns (gamma, {"best": argmax gamma, "se": standard error at it, str(gamma): {mIoU(S), mIoU(U), hIoU, se}}).
-    """
-    def hiou(cms: np.ndarray) -> np.ndarray:  # G x C x C -> G; an absent side counts as 0
-        return np.nan_to_num(np.array([summarize(cm, classes, unseen)["hIoU"] for cm in cms]))
-
-    whole = [summarize(cm, classes, unseen) for cm in per_image.sum(0)]
-    h = np.nan_to_num(np.array([s["hIoU"] for s in whole]))
-    rng = np.random.default_rng(seed)
-    n = len(per_image)
-    boot = np.stack([hiou(per_image[rng.integers(0, n, n)].sum(0)) for _ in range(resamples)])
-    se = boot.std(0)
-    best = int(h.argmax())
-    within = [k for k in range(len(gammas)) if h[k] >= h[best] - se[best]]
-    pick = min(within, key=lambda k: (abs(gammas[k]), -h[k]))
-    info = {"best": gammas[best], "se": float(se[best])}
-    info.update({str(g): {"mIoU(S)": whole[k]["mIoU(S)"], "mIoU(U)": whole[k]["mIoU(U)"], "hIoU": float(h[k]),
-                          "se": float(se[k])} for k, g in enumerate(gammas)})
-    return gammas[pick], info
-
-
-@torch.no_grad()
 def teacher_predictions(cfg, folder, figure_ids: list[str]) -> tuple[dict, dict]:
     """The teacher's training-free dense prediction: argmax over cos(dense token, class text), upsampled."""
     teacher = build_teacher(cfg.teacher)
@@ -164,21 +99,6 @@ def teacher_predictions(cfg, folder, figure_ids: list[str]) -> tuple[dict, dict]
         if folder.ids[i] in figure_ids:
             preds[folder.ids[i]] = pred
     return summarize(cm.matrix, info.classes, info.unseen), preds
-
-
-def strip_checkpoint(src: Path, dst: Path, gamma: float, half: bool = False) -> None:
-    """Inference-only copy: student weights, config, vocabulary, text cache, gamma (no optimizer).
-
-    half: floating tensors stored as float16 (half the size; `Segmenter.from_checkpoint` reads them back as float32)."""
-    ckpt = load_checkpoint(src)
-    small = (lambda t: t.half() if t.is_floating_point() else t) if half else (lambda t: t)
-    keep = {k: small(v) for k, v in ckpt["model"].items() if k.startswith("student.")}
-    slim = {k: ckpt[k] for k in ("format", "config", "step", "vocabulary", "text_cache", "embed_dim",
-                                 "teacher_fingerprint", "dataset")}
-    slim["text_cache"] = {c: small(e) for c, e in slim["text_cache"].items()}
-    slim["config"]["train"]["gamma"] = gamma  # the row may have trained under a gamma chosen by an older rule
-    slim.update({"model": keep, "gamma": gamma, "metrics": {}, "optimizer": None, "scheduler": None, "rng": None})
-    save_checkpoint({k: v for k, v in slim.items() if k != "format"}, dst)
 
 
 def colorize(label: np.ndarray, palette: list[list[int]]) -> np.ndarray:
@@ -441,7 +361,11 @@ def report(bench: Benchmark, args, val) -> None:
     # distillation when that row has run (on both benchmarks it is the better zero-shot row, docs/RESULTS.md).
     shipped = next((n for n in SHIPPED if n in ordered and (out / n / "last.pt").exists()), None)
     if shipped:
-        small = Path(args.assets) / "benchmarks" / f"{bench.name}_zeroshot.pt"
-        strip_checkpoint(out / shipped / "last.pt", small, ordered[shipped]["gamma"], half=True)
-        print(f"zero-shot benchmark checkpoint ({shipped} row) -> {small}")
+        small = Path(args.assets) / "benchmarks" / f"{bench.name}_zeroshot"
+        card = (f"# Zero-shot benchmark model: `{small.name}`\n\nThe {shipped} row of {bench.title} "
+                f"(docs/RESULTS.md), gamma {ordered[shipped]['gamma']} (one-standard-error rule on a held-aside slice). "
+                f"See [../README.md](../README.md).\n")
+        save_model_folder(inference_copy(load_checkpoint(out / shipped / "last.pt"), ordered[shipped]["gamma"]), small,
+                          card, half=True, replace=True)
+        print(f"zero-shot benchmark model ({shipped} row) -> {small}")
     print(f"wrote {docs / 'RESULTS.md'}")

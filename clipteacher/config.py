@@ -27,6 +27,7 @@ class SourceConfig:
     split: str = "train"  # split trained on (ignored for `images`)
     val_split: str = "val"  # split scored at validation, per dataset ("" = not scored; ignored for `images`)
     weight: float = 1.0  # sampling weight, relative to `data.weight` and the other sources'
+    exclude_probe: bool = True  # `images` pools that name their images: leave out the open-vocabulary probe's 200
 
 
 @dataclass
@@ -83,6 +84,9 @@ class LossConfig:
     ce_weight: float = 1.0  # PLM cross-entropy weight; 0 switches pseudo labels off
     gen_weight: float = 1.0  # PLM MSE weight (generated seen features vs text)
     dense_weight: float = 0.0  # beyond the paper: 1 - cos(student feature, teacher dense token) on unlabelled pixels; 0 = off
+    vocab_weight: float = 0.0  # beyond the paper: KL(teacher || student) over `vocab_names` on every teacher token; 0 = off
+    vocab_temperature: float = 0.05  # softmax temperature of both sides of that KL (1 / student.logit_scale by default)
+    vocab_file: str = ""  # more names for that KL, one per line; the 1000 ImageNet class names and every dataset class are always in it
 
 
 @dataclass
@@ -132,6 +136,7 @@ class TrainConfig:
     log_every: int = 10  # metrics.jsonl / progress-bar cadence, steps
     val_every: int = 100  # validation cadence, steps (0 = only at the end)
     ckpt_every: int = 100  # checkpoint cadence, steps
+    init_from: str = ""  # fine-tune: start the learned weights from this checkpoint (fresh optimiser and schedule); not a resume
     stop_at: int = 0  # stop after this step without finishing the schedule (pre-emption tests); 0 = off
     gamma: float = 1.5  # unseen-class logit bias used at validation and stored as the default
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
