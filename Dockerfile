@@ -56,13 +56,12 @@ RUN pip install "onnxruntime-gpu[cuda,cudnn]==1.31.1" "nvidia-cublas~=13.0" "nvi
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 WORKDIR /app
 # Only the torch-free parts of the package that the app imports (tests/test_dockerfile.py checks the list).
-COPY clipteacher/__init__.py clipteacher/io.py clipteacher/prompts.py ./clipteacher/
+COPY clipteacher/__init__.py clipteacher/io.py clipteacher/prompts.py clipteacher/request.py ./clipteacher/
 COPY clipteacher/runtime ./clipteacher/runtime
 COPY clipteacher/pseudo ./clipteacher/pseudo
 COPY clipteacher/app ./clipteacher/app
 COPY clipteacher/cli/__init__.py clipteacher/cli/app.py ./clipteacher/cli/
 COPY app/run.py ./app/run.py
-COPY assets/examples ./assets/examples
 COPY --from=bundle /bundle ./bundles/default
 
 ENV PYTHONPATH=/app \

@@ -1,6 +1,6 @@
 """Draw the app's example images (synthetic scenes; no dataset images may be shipped in the repo).
 
-    python app/make_examples.py [--out assets/examples]
+    python app/make_examples.py [--out clipteacher/app/examples]
 
 Writes farm.jpg, lake.jpg, street.jpg, garden.jpg (400 x 300) and farm_label.png: an msrc21-style
 label of farm.jpg (palette PNG, class ids, 255 = ignore) whose cow and tree are left unlabelled, so
@@ -142,7 +142,7 @@ def garden(rng: np.random.Generator) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "examples"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "clipteacher" / "app" / "examples"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

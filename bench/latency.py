@@ -1,7 +1,8 @@
 """Latency at 512 x 512 on this machine: the exported student vs PyTorch vs the training-free ViT-B/16 path.
 
-    python bench/latency.py                      # exports an untrained MSRC-21 student (+ int8, fp16) to a temp bundle
+    python bench/latency.py                      # exports the shipped default model assets/default (+ int8, fp16)
     python bench/latency.py --checkpoint runs/msrc21/last.pt
+    python bench/latency.py --untrained          # an untrained MSRC-21 student (speed only: its int8 agreement misleads)
     python bench/latency.py --bundle bundles/default   # PyTorch row needs the bundle's source checkpoint
 
 Rows (ms per image, median of --runs runs after a warm-up):
@@ -32,6 +33,7 @@ import numpy as np
 
 SIZE = 512
 MSRC = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrc21"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default"
 
 
 def median_ms(fn, runs: int, warmup: int = 1) -> float:
@@ -72,7 +74,7 @@ def test_image() -> np.ndarray:
 
 
 def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
-    """Export `checkpoint` (default: an untrained student with the MSRC-21 config) with int8 and fp16."""
+    """Export `checkpoint` (None: an untrained student with the MSRC-21 config) with int8 and fp16."""
     from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
     from clipteacher.config import load_config
 
@@ -93,9 +95,18 @@ def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="existing bundle folder")
-    parser.add_argument("--checkpoint", help="checkpoint to export (and time in PyTorch)")
+    parser.add_argument("--checkpoint", help=f"checkpoint or model folder to export (and time in PyTorch); "
+                                             f"default: {DEFAULT_MODEL} (the bundle's source with --bundle)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="an untrained MSRC-21 student instead (speed rows only; int8 agreement is not meaningful)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (ViT-B/16: a third of it, >= 3)")
     args = parser.parse_args(argv)
+    if args.untrained:
+        args.checkpoint = None
+    elif not args.bundle:
+        args.checkpoint = args.checkpoint or str(DEFAULT_MODEL)
+    if args.checkpoint and not Path(args.checkpoint).exists():
+        parser.error(f"--checkpoint {args.checkpoint} not found (use --untrained for a speed-only run)")
     work = Path(tempfile.mkdtemp(prefix="latency_"))
     try:
         return run(args, work)

@@ -48,7 +48,7 @@ def inputs(n: int, work: Path) -> tuple[Path, str]:
 
 def batch_rows(bundle, folder: Path, rounds: int) -> list[tuple[int, float]]:
     """(B, median ms per image) of the student graph on B stacked same-size images."""
-    from clipteacher.app.service import load_image
+    from clipteacher.request import load_image
 
     images = [load_image(p)[0] for p in sorted(folder.iterdir())[:8]]
     images = [x for x in images if x.shape == images[0].shape]

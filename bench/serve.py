@@ -70,9 +70,9 @@ def cpu_seconds(pid: int) -> float:
 def make_images(folder: Path, n: int, side: int = 512) -> list[Path]:
     """n distinct real images scaled to `side` on the longer side (MSRC-21 when present, else the app's
     examples, each flipped/shifted so their content differs), saved as JPEG quality 90."""
-    sources = sorted((DATA / "images").glob("*.jpg")) or sorted((ROOT / "assets" / "examples").glob("*.jpg"))
+    sources = sorted((DATA / "images").glob("*.jpg")) or sorted((ROOT / "clipteacher" / "app" / "examples").glob("*.jpg"))
     if not sources:
-        raise SystemExit("no images: neither ../shared/data/msrc21/images nor assets/examples")
+        raise SystemExit("no images: neither ../shared/data/msrc21/images nor clipteacher/app/examples")
     out = []
     for i in range(n):
         with Image.open(sources[i % len(sources)]) as im:
@@ -203,7 +203,8 @@ def main() -> None:
     parser.add_argument("--app-args", default="", help="extra clipteacher-app arguments, e.g. '--concurrency 1'")
     args = parser.parse_args()
 
-    from clipteacher.app.service import Service, load_image
+    from clipteacher.app.service import Service
+    from clipteacher.request import load_image
     from clipteacher.runtime.resolve import resolve_bundle
     from clipteacher.runtime import Bundle
 

@@ -28,6 +28,7 @@ FORMAT = "clipteacher-checkpoint-v1"
 FOLDER_FORMAT = "clipteacher-model-v1"
 REQUIRED = ("config", "model", "vocabulary", "text_cache", "embed_dim", "gamma")  # what inference needs
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # a model folder's files
+REFERENCE = ("feature_mean", "feature_mean_reference")  # optional: D float32 mean unit feature, and its source
 TEXT_PREFIX = "text_cache."  # safetensors keys of the cached text embeddings (one per name, in config.json's order)
 # Checkpoints written before plain-type RNG state held numpy's generator state as an array; these
 # constructors rebuild plain arrays and nothing else, so such files are still read by the safe loader.
@@ -57,7 +58,9 @@ def inference_copy(ckpt: dict, gamma: float | None = None, half: bool = False) -
     small = (lambda t: t.half() if t.is_floating_point() else t) if half else (lambda t: t)
     gamma = ckpt["gamma"] if gamma is None else float(gamma)
     config = {**ckpt["config"], "train": {**ckpt["config"].get("train", {}), "gamma": gamma}}
-    return model_record(config, {k: small(v) for k, v in ckpt["model"].items() if k.startswith("student.")},
+    # the hubness reference (`clipteacher.export.bundle.feature_mean`) travels with the model when it has one
+    reference = {k: ckpt[k] for k in REFERENCE if k in ckpt}
+    return reference | model_record(config, {k: small(v) for k, v in ckpt["model"].items() if k.startswith("student.")},
                         ckpt["vocabulary"], {c: small(e) for c, e in ckpt["text_cache"].items()}, ckpt["embed_dim"],
                         gamma, ckpt.get("teacher_fingerprint", ""), ckpt.get("dataset", ""), ckpt.get("step", 0))
 
@@ -100,7 +103,9 @@ def save_model_folder(ckpt: dict, folder: str | Path, card: str = "", half: bool
     names = list(slim["text_cache"])
     tensors = {k[len("student."):]: v.contiguous() for k, v in slim["model"].items()}
     tensors.update({f"{TEXT_PREFIX}{i}": slim["text_cache"][n].contiguous() for i, n in enumerate(names)})
-    meta = {"format": FOLDER_FORMAT, **{k: v for k, v in slim.items() if k not in ("model", "text_cache")},
+    if "feature_mean" in slim:
+        tensors["reference.feature_mean"] = slim["feature_mean"].float().contiguous()
+    meta = {"format": FOLDER_FORMAT, **{k: v for k, v in slim.items() if k not in ("model", "text_cache", "feature_mean")},
             "text_cache_names": names}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
@@ -145,6 +150,8 @@ def _load_model_folder(folder: Path) -> dict:
     if not isinstance(names, list) or any(f"{TEXT_PREFIX}{i}" not in tensors for i in range(len(names))):
         raise ValueError(f"model folder {folder} is incomplete: its text cache does not match {WEIGHTS}")
     text = {n: tensors.pop(f"{TEXT_PREFIX}{i}") for i, n in enumerate(names)}
+    if "reference.feature_mean" in tensors:
+        meta["feature_mean"] = tensors.pop("reference.feature_mean")
     return {"format": FORMAT, **meta, "model": {f"student.{k}": v for k, v in tensors.items()}, "text_cache": text}
 
 

@@ -62,6 +62,8 @@ class Segmenter:
         self.cfg, self.student = cfg, student.eval()
         self.vocabulary, self.text_cache, self.gamma = vocabulary, text_cache, gamma
         self.teacher_fingerprint = teacher_fingerprint
+        self.feature_mean: torch.Tensor | None = None  # D: hubness reference, when the model carries one
+        self.feature_mean_reference = ""  # which images it came from
         self._teacher = None
 
     @classmethod
@@ -87,8 +89,12 @@ class Segmenter:
             raise ValueError(f"checkpoint {path} does not fit its own student config: {str(err).splitlines()[0]}") from None
         # fp16 files (assets/benchmarks) hold half text embeddings; the student computes in float32.
         text_cache = {c: e.float() for c, e in ckpt["text_cache"].items()}
-        return cls(cfg, student.to(device), ckpt["vocabulary"], text_cache, ckpt["gamma"],
-                   ckpt.get("teacher_fingerprint", ""))
+        seg = cls(cfg, student.to(device), ckpt["vocabulary"], text_cache, ckpt["gamma"],
+                  ckpt.get("teacher_fingerprint", ""))
+        if "feature_mean" in ckpt:  # hubness reference (clipteacher.export.bundle.feature_mean)
+            seg.feature_mean = ckpt["feature_mean"].float()
+            seg.feature_mean_reference = ckpt.get("feature_mean_reference", "")
+        return seg
 
     def text_embeddings(self, classes: list[str]) -> torch.Tensor:
         """C x D; names missing from the cache are embedded by the teacher's text encoder (built once)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ import socket
 import sys
 
 CERT_DIR_IN_BUILD = "/run/smoke-pip"  # where smoke.sh mounts DIR inside every RUN step
+FILE_LISTS = ("constraint", "requirement")  # pip settings whose values are files to read
 
 
 def apt_mirror(suite: str) -> str:
@@ -57,6 +59,16 @@ def pip_conf(out_dir: str, listing: str) -> list[str]:
         if conf.get(key):
             shutil.copy(conf[key], f"{out_dir}/{key}.pem")
             conf[key] = f"{CERT_DIR_IN_BUILD}/{key}.pem"
+    # Files named by constraint / requirement (one or more, space separated) are copied in as well: the build's
+    # pip reads them at /run/smoke-pip, where the host's paths do not exist.
+    for key in FILE_LISTS:
+        if conf.get(key):
+            copied = []
+            for k, path in enumerate(conf[key].split()):
+                name = f"{key}-{k}-{os.path.basename(path)}"
+                shutil.copy(path, f"{out_dir}/{name}")
+                copied.append(f"{CERT_DIR_IN_BUILD}/{name}")
+            conf[key] = " ".join(copied)
     folders = []
     for key in ("find-links", "index-url", "extra-index-url"):
         for value in conf.get(key, "").split():

@@ -208,8 +208,8 @@ def test_segment_and_vocabulary_change_reuses_the_image_pass(service, files):
 
 def test_gamma_moves_pixels_to_unseen_names(service, files):
     image, _ = svc.load_image(files / "rgb.png")
-    low = service.segment(image, "sky, grass, zebra", gamma=-50.0)
-    high = service.segment(image, "sky, grass, zebra", gamma=50.0)
+    low = service.segment(image, "sky, grass, zebra", gamma=-svc.MAX_GAMMA)
+    high = service.segment(image, "sky, grass, zebra", gamma=svc.MAX_GAMMA)
     assert "zebra" not in low.shares and high.shares == {"zebra": 1.0}
 
 
@@ -227,6 +227,31 @@ def test_glm_attention_matches_training(service, files):
     assert att.weights.shape == feats.shape[2:] and abs(att.weights.sum() - 1) < 1e-5
     assert att.similarity.shape == (2,) + feats.shape[2:] and np.abs(att.similarity).max() <= 1 + 1e-5
     assert service.attention(image, "").similarity.shape[0] == 0  # names are optional here
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_glm_attention_twin_follows_glm_scaled(service, files, scaled):
+    """The numpy view and the training module agree with and without glm.scaled (the bundle records it)."""
+    from clipteacher.config import GLMConfig
+    from clipteacher.train.glm import GlobalLearningModule
+
+    image, _ = svc.load_image(files / "rgb.png")
+    feats, _ = service.features(image)
+    (cls, _), _ = service.teacher_tokens(image)
+    ref = GlobalLearningModule(GLMConfig(scaled=scaled), feats.shape[1]).attention(
+        torch.from_numpy(cls)[None], torch.from_numpy(feats))[0].numpy()
+    np.testing.assert_allclose(svc.glm_attention(cls, feats[0], scaled), ref, rtol=1e-4, atol=1e-7)
+    assert service.bundle.meta["glm"] == {"scaled": False}  # the tiny bundle's config
+
+
+def test_segment_tab_lists_the_example_images(service):
+    """The Examples block exists and names the shipped pictures (they once vanished behind a wrong path)."""
+    demo = ui.build_demo(service)
+    block = demo.examples_block
+    assert block is not None
+    files = sorted(Path(row[0]).name for row in block.examples)
+    assert files == ["farm.jpg", "garden.jpg", "lake.jpg", "street.jpg"]
+    assert all(Path(row[0]).is_file() for row in block.examples)
 
 
 def test_pseudo_labels_are_the_training_functions(service, files):

@@ -17,7 +17,7 @@ import pytest
 from helpers import ROOT, free_port, start_app, tiny_bundle
 
 CHROMIUM = "/usr/bin/chromium"
-EXAMPLES = ROOT / "assets" / "examples"
+EXAMPLES = ROOT / "clipteacher" / "app" / "examples"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # a synthetic camera

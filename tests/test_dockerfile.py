@@ -267,3 +267,30 @@ def test_copied_sources_exist_and_are_not_ignored(stages):
             for source in shlex.split(rest)[:-1]:
                 assert not any(source == i or source.startswith(i + "/") for i in ignored), source
                 assert (ROOT / source).exists(), source
+
+
+def test_smoke_pip_settings_carry_the_files_they_name(tmp_path):
+    """A pip config with a constraint line (as on this machine) names a host file; the build sees only the
+    mounted folder, so the file must be copied there and the setting point at it (the build failed with
+    'Could not open requirements file' before)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke_helpers", ROOT / "docker" / "smoke_helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "constraints.txt").write_text("torch<=2.14.1\n")
+    (host / "ca.crt").write_text("certificate\n")
+    (host / "reqs.txt").write_text("six\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    listing = (f"global.constraint='{host / 'constraints.txt'}'\n:env:.cert='{host / 'ca.crt'}'\n"
+               f"global.requirement='{host / 'reqs.txt'}'\nglobal.find-links='/opt/wheels'\n")
+    helpers.pip_conf(str(out), listing)
+    conf = dict(line.split(" = ", 1) for line in (out / "pip.conf").read_text().splitlines()[1:])
+    for key, text in (("constraint", "torch<=2.14.1\n"), ("requirement", "six\n"), ("cert", "certificate\n")):
+        inside = conf[key]
+        assert inside.startswith(helpers.CERT_DIR_IN_BUILD + "/") and str(host) not in inside
+        assert (out / Path(inside).name).read_text() == text  # the copy lies in the mounted folder
+    assert conf["find-links"] == "/opt/wheels"

@@ -14,7 +14,7 @@ from clipteacher import config as config_module
 from clipteacher.config import Config, ConfigError, apply_overrides
 from helpers import ROOT
 
-TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
+TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.request", "clipteacher.runtime.resolve", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
               "clipteacher.runtime.clip_tokenizer", "clipteacher.app.service", "clipteacher.app.ui",
               "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict"]
 SCRIPTS = {"clipteacher-train": "train", "clipteacher-eval": "evaluate", "clipteacher-pseudo": "pseudo_labels",
@@ -31,6 +31,41 @@ def test_torch_free_modules_do_not_import_torch():
             "print(heavy); sys.exit(1 if heavy else 0)")
     res = run_python(code)
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+
+
+INFERENCE = ["clipteacher/models", "clipteacher/predictor.py", "clipteacher/runtime", "clipteacher/app",
+             "clipteacher/request.py", "clipteacher/config.py", "clipteacher/checkpoint.py", "clipteacher/io.py",
+             "clipteacher/prompts.py", "clipteacher/batch.py", "clipteacher/cli/predict.py", "clipteacher/cli/app.py"]
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a file imports, at its top or inside functions (absolute imports)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("where", INFERENCE)
+def test_inference_never_imports_training_code(where):
+    """Layers point one way: models, predictor, runtime, app (and what they stand on) never import
+    clipteacher.train, not even lazily inside a function."""
+    target = ROOT / where
+    files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    offenders = {str(f.relative_to(ROOT)): sorted(m for m in imported_modules(f) if m.startswith("clipteacher.train"))
+                 for f in files}
+    assert not {f: m for f, m in offenders.items() if m}
+
+
+def test_importing_the_predictor_loads_no_training_module():
+    res = run_python("import clipteacher.predictor, sys; "
+                     "sys.exit(1 if any(m.startswith('clipteacher.train') for m in sys.modules) else 0)")
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_no_sys_path_edits_outside_tests():

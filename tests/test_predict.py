@@ -138,7 +138,7 @@ def test_skip_existing_does_no_work_and_keeps_one_line_per_image(bundle_dir, tmp
     def no_model(args):
         raise AssertionError("the model was loaded although every mask exists")
 
-    monkeypatch.setattr(predict, "open_service", no_model)
+    monkeypatch.setattr(predict, "open_bundle", no_model)
     assert run_cli(tmp_path / "in", "--names", NAMES, "--out", out, "--skip-existing", bundle=bundle_dir) == 1
     assert "0 segmented, 3 skipped (mask exists), 1 failed" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == masks

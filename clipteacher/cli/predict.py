@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_names_file(path: str) -> str:
     """The text of a names file, read no further than parse_names accepts (a huge file is refused unread)."""
-    from clipteacher.app.service import MAX_CLASSES, MAX_NAME_CHARS
+    from clipteacher.request import MAX_CLASSES, MAX_NAME_CHARS
 
     limit = MAX_CLASSES * (MAX_NAME_CHARS + 2)
     try:
@@ -75,9 +75,8 @@ def read_names_file(path: str) -> str:
         raise Fatal(f"--names-file {show(path)}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def open_service(args):
-    """The app's Service on the bundle (the default bundle is built on first use), with the names embedded."""
-    from clipteacher.app.service import Service
+def open_bundle(args):
+    """The bundle (the default bundle is built on first use), with the names embedded once."""
     from clipteacher.runtime.resolve import StartupError, resolve_bundle
     from clipteacher.runtime import Bundle
 
@@ -92,27 +91,29 @@ def open_service(args):
         bundle.embed_text(args.name_list, args.template_list)  # once, before the first image
     except ValueError as err:
         raise Fatal(str(err)) from None
-    return Service(bundle, cache_images=0)  # every image is new: keep no image passes
+    return bundle
 
 
-def write_outputs(service, path: Path, stem: str, image, notes: list[str], features, seconds: float,
+def write_outputs(bundle, path: Path, stem: str, image, notes: list[str], features, seconds: float,
                   out: Path, args, summary) -> None:
     """Classify one image whose student features are known and write its files. `seconds`: its share of
     the work so far (decoding, its part of the batch). The summary line is added before the mask is
     renamed into place: a kill in between leaves a line without a mask, which a resumed run redoes."""
     from PIL import Image
 
-    from clipteacher.app.service import mask_png
     from clipteacher.batch import atomic_write
-    from clipteacher.pseudo.vis import overlay
+    from clipteacher.pseudo.vis import overlay, region_palette
+    from clipteacher.request import mask_png, shares_of
 
     start = time.perf_counter() - seconds
-    seg = service.segment(image, args.names_text, args.templates_text, args.gamma, features=features)
+    names = args.name_list
+    labels, _ = bundle.label_features(features, names, image.shape[:2], args.gamma, args.template_list)
+    colors = region_palette(len(names))
     if args.overlay:
-        picture = Image.fromarray(overlay(image, seg.labels, OVERLAY_ALPHA, seg.colors))
+        picture = Image.fromarray(overlay(image, labels, OVERLAY_ALPHA, colors))
         atomic_write(out / f"{stem}.overlay.jpg", lambda tmp: picture.save(tmp, quality=90))
     item = {"file": str(path), "mask": f"{stem}.png", "width": image.shape[1], "height": image.shape[0],
-            "shares": {k: round(v, 6) for k, v in seg.shares.items()}}
+            "shares": {k: round(v, 6) for k, v in shares_of(labels, names).items()}}
     if notes:
         item["notes"] = notes
 
@@ -120,12 +121,12 @@ def write_outputs(service, path: Path, stem: str, image, notes: list[str], featu
         item["seconds"] = round(time.perf_counter() - start, 4)
         summary.add(item)
 
-    atomic_write(out / f"{stem}.png", lambda tmp: mask_png(seg.labels, seg.names, seg.colors, tmp), commit)
+    atomic_write(out / f"{stem}.png", lambda tmp: mask_png(labels, names, colors, tmp), commit)
 
 
 def failure(err: BaseException) -> str:
     """The one-line reason an image failed; Fatal and interrupts are not failures of one image."""
-    from clipteacher.app.service import UserError
+    from clipteacher.request import UserError
 
     if isinstance(err, (Fatal, KeyboardInterrupt)):
         raise err
@@ -138,7 +139,7 @@ def failure(err: BaseException) -> str:
     return f"internal error ({type(err).__name__}: {err})"
 
 
-def student_passes(service, images: list) -> list:
+def student_passes(bundle, images: list) -> list:
     """1 x D x h x w features per image; images of one size share a run of the student (B x 3 x H x W).
     A batch that fails is retried image by image, so one image's error stays its own (an exception
     in place of its features)."""
@@ -148,26 +149,26 @@ def student_passes(service, images: list) -> list:
     features: list = [None] * len(images)
     for group in by_size.values():
         try:
-            batch = service.bundle.batch_features([images[i] for i in group])
+            batch = bundle.batch_features([images[i] for i in group])
             for k, i in enumerate(group):
                 features[i] = batch[k:k + 1]
         except Exception:  # noqa: BLE001 - retried one by one below, where the error is reported per image
             for i in group:
                 try:
-                    features[i] = service.bundle.image_features(images[i])
+                    features[i] = bundle.image_features(images[i])
                 except Exception as err:  # noqa: BLE001
                     features[i] = err
     return features
 
 
-def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> dict:
+def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> dict:
     """Segment `paths` into `out`, as out/<stem>.png, --batch images at a time; returns counts {done,
-    skipped, failed}. The service is made on the first image that decodes, so a run with nothing to do
+    skipped, failed}. The bundle is loaded on the first image that decodes, so a run with nothing to do
     never loads the model."""
     from tqdm import tqdm
 
-    from clipteacher.app.service import load_image
     from clipteacher.batch import Summary, remove_stale_partials, show
+    from clipteacher.request import load_image
 
     remove_stale_partials(out)
     todo = [(p, s) for p, s in zip(paths, stems) if not (args.skip_existing and (out / f"{s}.png").is_file())]
@@ -176,7 +177,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> d
     if shared:
         tqdm.write(f"note: {shared} inputs share a stem with another; their masks are <stem>-<8 hex>.png "
                    f"(summary.jsonl maps files to masks)", sys.stderr)
-    service = []
+    bundle = []
 
     with Summary(out, resume=args.skip_existing) as summary, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None, smoothing=0.1) as bar:
@@ -198,16 +199,16 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> d
                     fail(path, err)
             if not loaded:
                 continue
-            if not service:  # the first decodable image loads the model; that time is no image's
-                service.append(make_service())
+            if not bundle:  # the first decodable image loads the model; that time is no image's
+                bundle.append(make_bundle())
             t = time.perf_counter()
-            features = student_passes(service[0], [item[2] for item in loaded])
+            features = student_passes(bundle[0], [item[2] for item in loaded])
             share = (time.perf_counter() - t) / len(loaded)
             for (path, stem, image, notes, decoded), feats in zip(loaded, features):
                 try:
                     if isinstance(feats, Exception):
                         raise feats
-                    write_outputs(service[0], path, stem, image, notes, feats, decoded + share, out, args, summary)
+                    write_outputs(bundle[0], path, stem, image, notes, feats, decoded + share, out, args, summary)
                     counts["done"] += 1
                     bar.update()
                 except Exception as err:  # noqa: BLE001
@@ -217,7 +218,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_service) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from clipteacher.app.service import UserError, parse_gamma, parse_names, parse_templates
+    from clipteacher.request import UserError, parse_gamma, parse_names, parse_templates
     from clipteacher.batch import InputError, collect_inputs, output_stems, show
 
     try:
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        counts = run(args, paths, stems, out, lambda: open_service(args))
+        counts = run(args, paths, stems, out, lambda: open_bundle(args))
     except Fatal as err:
         print(f"error: {show(err)}", file=sys.stderr)
         return 2

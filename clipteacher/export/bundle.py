@@ -339,11 +339,16 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         else:
             files["student_fp16"] = "student.fp16.onnx"
 
-    log("export: hubness reference")
-    ref_images, origin = reference_images(cfg)
+    # The hubness reference travels in the model (so an export without the training data, as in Docker, has it);
+    # a model without one gets it from its training images when they are on this machine.
+    mean, origin = seg.feature_mean, seg.feature_mean_reference
+    if mean is None:
+        log("export: hubness reference")
+        ref_images, origin = reference_images(cfg)
+        mean = torch.from_numpy(feature_mean(student, ref_images)) if ref_images else None
     hubness = None
-    if ref_images:
-        hubness = {"mean": [float(v) for v in feature_mean(student, ref_images)], "strength": HUBNESS_STRENGTH,
+    if mean is not None:
+        hubness = {"mean": [float(v) for v in mean.float()], "strength": HUBNESS_STRENGTH,
                    "default": HUBNESS_DEFAULT, "reference": origin}
     else:
         log(f"export: no hubness reference ({origin}); the bundle serves without the correction")
@@ -356,6 +361,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         "vocabulary": list(seg.vocabulary),
         "gamma": float(seg.gamma),
         "hubness": hubness,
+        "glm": {"scaled": bool(cfg.glm.scaled)},  # the app's GLM-attention view computes what training did
         "logit_scale": float(cfg.student.logit_scale),
         "embed_dim": dim,
         "feature_stride": int(stride),

@@ -172,13 +172,20 @@ class Bundle:
             "out_size": np.asarray(out_size[:2], dtype=np.int64)})
         return labels[0], logits[0]
 
+    def label_features(self, features: np.ndarray, names: list[str], out_size: tuple[int, int],
+                       gamma: float | None = None, templates=None, hubness: bool | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Serving's classification of known student features (1 x D x h x w) against typed names: their
+        embeddings (cached), +gamma outside the training vocabulary, the hubness correction (None: the
+        bundle's default) -> (labels out_size H x W int64, logits C x h x w)."""
+        text = self.embed_text(names, templates)
+        bias = self.unseen_bias(names, gamma) + self.hubness_bias(text, hubness)
+        return self.classify(features, text, bias, out_size)
+
     def segment(self, image: np.ndarray, names: list[str], gamma: float | None = None,
                 size: int | None = None) -> np.ndarray:
         """H x W x 3 uint8 RGB -> H x W int64 indices into `names` (unseen names get +gamma)."""
-        features = self.image_features(image, size)
-        text = self.embed_text(names)
-        labels, _ = self.classify(features, text, self.unseen_bias(names, gamma) + self.hubness_bias(text), image.shape[:2])
-        return labels
+        return self.label_features(self.image_features(image, size), names, image.shape[:2], gamma)[0]
 
     def teacher_tokens(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """H x W x 3 uint8 RGB -> (cls D, dense D x h x w), both unit vectors in the text space.

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from clipteacher.io import read_image_file
@@ -43,6 +44,18 @@ UNSEEN_NAMES = [
     ("n02814860.jpg", "lighthouse, sky, sea, rock"),
 ]
 METRICS = ("pAcc", "mIoU", "mIoU(S)", "mIoU(U)")
+
+
+def add_reference(ckpt: dict, seg: Segmenter) -> None:
+    """Store the hubness reference (mean unit student feature over training images) in the model, so every
+    export of it, with or without the training data at hand, serves the same correction."""
+    from clipteacher.export.bundle import feature_mean, reference_images
+
+    images, origin = reference_images(seg.cfg)
+    if images:
+        ckpt["feature_mean"] = torch.from_numpy(feature_mean(seg.student, images))
+        ckpt["feature_mean_reference"] = origin
+        seg.feature_mean, seg.feature_mean_reference = ckpt["feature_mean"], origin
 
 
 def score(seg: Segmenter, label: str, vals: dict) -> dict[str, dict]:
@@ -163,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     dst = Path(args.assets) / "default"
     ckpt = inference_copy(load_checkpoint(args.checkpoint), args.gamma, half=True)
     seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
+    add_reference(ckpt, seg)
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
     scores = {"new": score(seg, str(dst), vals)}
     for p in args.previous:
