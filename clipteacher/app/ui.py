@@ -294,6 +294,17 @@ def example_rows() -> list[list[str]]:
     return [[str(folder / f"{n}.jpg"), names] for n, names in EXAMPLE_NAMES.items() if (folder / f"{n}.jpg").is_file()]
 
 
+def status_line() -> gr.Markdown:
+    """The one-line status under each view (request time, notes)."""
+    return gr.Markdown(elem_classes="status", label="status")
+
+
+def view(text: str, button: str) -> tuple[SimpleNamespace, gr.Button]:
+    """A view's namespace, its explanation and its primary button."""
+    gr.Markdown(text)
+    return SimpleNamespace(), gr.Button(button, variant="primary")
+
+
 def inputs_column(service: svc.Service, serving: Serving) -> SimpleNamespace:
     """The left column: image, class names, templates, examples, bundle info."""
     b = service.bundle
@@ -323,21 +334,19 @@ def segment_tab(b) -> SimpleNamespace:
         ui.shares = gr.Label(label="Share of pixels", num_top_classes=10, scale=2, show_heading=False)
         with gr.Column(scale=1):
             ui.mask = gr.File(label="Mask PNG (pixel = class index)")
-            ui.status = gr.Markdown(elem_classes="status", label="status")
+            ui.status = status_line()
     return ui
 
 
 def compare_tab() -> SimpleNamespace:
-    ui = SimpleNamespace()
-    gr.Markdown("The same image and names segmented by the **teacher alone** (its dense tokens "
-                "against the names, with no training on masks: what the student learned "
-                "from) and by the **student**, with each image pass's time.")
-    ui.run = gr.Button("Compare teacher and student", variant="primary")
+    ui, ui.run = view("The same image and names segmented by the **teacher alone** (its dense tokens "
+                      "against the names, with no training on masks: what the student learned "
+                      "from) and by the **student**, with each image pass's time.", "Compare teacher and student")
     with gr.Row():
         ui.teacher = gr.Image(label="Teacher alone", type="filepath", interactive=False, elem_id="compare_teacher")
         ui.student = gr.Image(label="Student", type="filepath", interactive=False, elem_id="compare_student")
     ui.legend = gr.HTML(elem_id="compare_legend")
-    ui.status = gr.Markdown(elem_classes="status", label="status")
+    ui.status = status_line()
     return ui
 
 
@@ -349,26 +358,24 @@ def live_tab(b) -> SimpleNamespace:
     with gr.Row():
         ui.camera = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Camera", elem_id="camera")
         ui.out = gr.Image(label="Live segmentation", format="jpeg", interactive=False, elem_id="live")
-    ui.status = gr.Markdown(elem_classes="status", label="status")
+    ui.status = status_line()
     ui.times = gr.State([])
     with gr.Accordion("Video file", open=False):
         with gr.Row():
             ui.video_in = gr.Video(sources=["upload"], label="Video (MP4 or WebM)")
             ui.video_out = gr.Video(label="Segmented video", interactive=False)
         ui.run_video = gr.Button("Segment video", variant="primary")
-        ui.video_status = gr.Markdown(elem_classes="status", label="status")
+        ui.video_status = status_line()
     return ui
 
 
 def attention_tab() -> SimpleNamespace:
-    ui = SimpleNamespace()
-    gr.Markdown("Where the teacher's CLS token attends over the student's features "
-                "(softmax of ⟨CLS, feature⟩ over locations, the GLM's pooling weights), "
-                "and each class name's cosine similarity to the student's features.")
-    ui.run = gr.Button("Show attention", variant="primary")
+    ui, ui.run = view("Where the teacher's CLS token attends over the student's features "
+                      "(softmax of ⟨CLS, feature⟩ over locations, the GLM's pooling weights), "
+                      "and each class name's cosine similarity to the student's features.", "Show attention")
     ui.heat = gr.Image(label="CLS attention (bright = high weight)", height=380, format="png")
     ui.sims = gr.Gallery(label="Per-class similarity", columns=3, height="auto", format="jpeg", object_fit="contain")
-    ui.status = gr.Markdown(elem_classes="status", label="status")
+    ui.status = status_line()
     return ui
 
 
@@ -392,7 +399,7 @@ def pseudo_tab(image) -> SimpleNamespace:
     ui.clusters = gr.Gallery(label="Clusters and fused regions", columns=2, height=720, format="png",
                              object_fit="contain")
     ui.regions = gr.Label(label="Region sizes (share of the token grid)", num_top_classes=8, show_heading=False)
-    ui.status = gr.Markdown(elem_classes="status", label="status")
+    ui.status = status_line()
     return ui
 
 
