@@ -48,18 +48,32 @@ def show(text) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _images_in(folder: Path, notes: list[str]) -> list[Path]:
     try:
         entries = list(os.scandir(folder))
     except OSError as err:
         raise InputError(f"{show(folder)}: cannot list the folder ({err.strerror or err})") from None
-    # regular files only (links followed): a FIFO named x.jpg would block the reader forever
-    return sorted(Path(e.path) for e in entries
-                  if not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file())
+    found = []
+    for e in entries:
+        if e.name.startswith(".") or Path(e.name).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            regular = e.is_file()  # links followed; a FIFO named x.jpg would block the reader forever
+        except OSError as err:  # a symbolic-link loop: that entry is skipped, the run goes on
+            notes.append(f"{show(e.path)} skipped: {err.strerror or err}")
+            continue
+        if regular:
+            found.append(Path(e.path))
+    return sorted(found)
+
+
+def _real(path: Path) -> Path:
+    """The path with every symbolic link resolved (what a write through it would reach)."""
+    return Path(os.path.realpath(path))
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
-    return folder is not None and Path(os.path.abspath(path)).parent == folder
+    return folder is not None and _real(path).parent == folder
 
 
 def collect_inputs(args: list[str], out_dir: Path | None) -> tuple[list[Path], list[str]]:
@@ -67,14 +81,15 @@ def collect_inputs(args: list[str], out_dir: Path | None) -> tuple[list[Path], l
     out_dir: the output folder, whose files are never inputs (None: no output folder).
 
     Raises InputError when an argument names nothing, or nothing at all is found."""
-    out_dir = Path(os.path.abspath(out_dir)) if out_dir is not None else None
+    # Resolved, not just absolute: an --out that is a link to an input folder is that folder.
+    out_dir = _real(out_dir) if out_dir is not None else None
     found, notes = [], []
 
     def folder(path: Path) -> list[Path]:
-        if Path(os.path.abspath(path)) == out_dir:
-            raise InputError(f"{show(path)} is both an input folder and --out; its images could be overwritten "
-                             f"by masks: choose another output folder")
-        return _images_in(path)
+        if _real(path) == out_dir:
+            raise InputError(f"{show(path)} is both an input folder and --out (after following links); its images "
+                             f"could be overwritten by masks: choose another output folder")
+        return _images_in(path, notes)
 
     for arg in args:
         path = Path(arg)
@@ -153,6 +168,30 @@ def remove_stale_partials(out_dir: Path) -> int:
     return removed
 
 
+LOCK = ".clipteacher-predict.lock"
+
+
+def lock_output(out_dir: Path):
+    """Take the lock of an output folder for this process (released when it exits, however it ends).
+    Returns the open lock file; raises InputError when another run holds it."""
+    import fcntl
+
+    f = open(Path(out_dir) / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        other = f.read().strip() or "?"
+        f.close()
+        raise InputError(f"--out {show(out_dir)} is in use by another clipteacher-predict run (pid {other}); "
+                         f"wait for it to finish or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 class Summary:
     """DIR/summary.jsonl, one JSON object per image, appended and flushed as each image finishes.
 
@@ -179,17 +218,18 @@ class Summary:
                     kept[mask] = line
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept.values()),
                                                            encoding="utf-8"))
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def add(self, item: dict) -> None:
         if self._file is None:
             self._open()
-        self._file.write(json.dumps(item) + "\n")  # ASCII escapes: any file name round-trips
-        self._file.flush()
+        # one write of the whole line on an O_APPEND file: a kill leaves whole lines only
+        os.write(self._file, (json.dumps(item) + "\n").encode())  # ASCII escapes: any file name round-trips
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
+            self._file = None
 
     def __enter__(self):
         return self

@@ -13,6 +13,7 @@ or template set re-runs only the text encoder and the classifier.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -36,6 +37,7 @@ CACHE_IMAGES = 8  # images whose model outputs are kept
 OVERLAY_OPACITY = 0.6  # of the class colours over the image
 MAX_VIDEO_SECONDS = 30  # longer videos are cut (with a note)
 MAX_VIDEO_SIDE = 4096
+YIELD_SECONDS = 2.0  # longest a video frame waits for interactive requests to finish
 
 
 
@@ -119,6 +121,30 @@ class Service:
         self.passes: Counter = Counter()
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._foreground = 0  # interactive requests computing now (`foreground`)
+        self._idle = threading.Condition()
+
+    # --------------------------------------------------------------- interactive requests before long jobs
+
+    @contextlib.contextmanager
+    def foreground(self):
+        """Mark an interactive request (segment, compare, attention, pseudo labels) while it computes. Long
+        jobs (`segment_video`) wait between frames while any is marked, so a video never slows an image
+        request down by sharing the cores with it."""
+        with self._idle:
+            self._foreground += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._foreground -= 1
+                self._idle.notify_all()
+
+    def yield_to_foreground(self, limit: float = YIELD_SECONDS) -> None:
+        """Wait (at most `limit` seconds, so a steady stream of images cannot stall a video for ever) until no
+        interactive request is computing."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._foreground == 0, timeout=limit)
 
     # --------------------------------------------------------------- cached image passes
 
@@ -229,6 +255,7 @@ class Service:
                 if done == limit:
                     notes.append(f"Only the first {MAX_VIDEO_SECONDS} s of the video were segmented.")
                     break
+                self.yield_to_foreground()
                 overlay, _ = self.live_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), names_text, templates_text, gamma)
                 if writer is None:
                     writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"VP80"), fps,
@@ -279,6 +306,10 @@ class Service:
                 notes.append("The label has no ignored pixels (value 255), so nothing was clustered.")
         maps, fused = regions_for_image(tokens, label, windows=tuple(windows), threshold=float(threshold),
                                         criterion=fusion)
+        if label is not None and (label == 255).any() and not (fused >= 0).any():
+            notes.append(f"No region was found: only {(label == 255).mean():.1%} of the label's pixels are 255 "
+                         f"(unlabelled), too few to cover a teacher token. A label holds class ids with 255 where "
+                         f"unlabelled; a colour picture saved as a palette PNG is not one.")
         return PseudoLabels(tuple(windows), maps, fused, label, time.perf_counter() - start, notes)
 
     def info(self) -> dict:

@@ -61,9 +61,10 @@ class Serving:
     concurrency: int = 2  # model requests computed at once, shared by /segment, /attention and /pseudo_labels
     queue: int = 32  # requests waiting beyond those; more are answered "busy, try again" (HTTP 503)
     max_upload_mb: float = 20.0  # larger uploads are refused before they are stored or decoded
+    long_jobs: int = 1  # videos computed at once, in slots of their own (never the image requests' slots)
 
     def __post_init__(self):
-        if self.concurrency < 1 or self.queue < 1 or not self.max_upload_mb > 0:
+        if self.concurrency < 1 or self.queue < 1 or self.long_jobs < 1 or not self.max_upload_mb > 0:
             raise ValueError(f"concurrency and queue must be >= 1 and the upload cap > 0, got {self}")
 
 
@@ -84,6 +85,36 @@ def image_file(**kwargs) -> gr.Image:
     to the source of every Component subclass."""
     component = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
     component.preprocess = functools.partial(_upload_path, component.preprocess)
+    return checked(component, "image")
+
+
+class CheckedModel:
+    """A component's data model whose validation failure is one line for the caller (gr.Error) instead of
+    Gradio's generic "upstream app has raised an exception" and a traceback in the log: Gradio validates an
+    API payload against it before any handler (or `guarded`) runs. Everything else is the model's own."""
+
+    def __init__(self, model, what: str):
+        self._model, self._what = model, what
+
+    def model_validate(self, value, *args, **kwargs):
+        from pydantic import ValidationError
+
+        try:
+            return self._model.model_validate(value, *args, **kwargs)
+        except ValidationError:
+            got = type(value).__name__
+            raise gr.Error(f"The {self._what} must be an uploaded file (upload it first, then pass its "
+                           f"FileData: path and meta {{'_type': 'gradio.FileData'}}; got {got}).",
+                           print_exception=False) from None
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def checked(component, what: str):
+    """`component` with its payload check explained in one line (CheckedModel)."""
+    if getattr(component, "data_model", None) is not None:
+        component.data_model = CheckedModel(component.data_model, what)
     return component
 
 
@@ -91,7 +122,11 @@ def _upload_path(preprocess, payload):
     if payload is None:
         return None
     if payload.path is None:  # a base64 data URL from the API
-        return preprocess(payload)
+        try:
+            return preprocess(payload)
+        except Exception:  # noqa: BLE001 - neither a file nor a data URL: one line, not Gradio's traceback
+            raise gr.Error("The image must be an uploaded file (upload it first, then pass its FileData: path "
+                           "and meta {'_type': 'gradio.FileData'}) or a data URL.", print_exception=False) from None
     return str(payload.path)
 
 
@@ -139,6 +174,15 @@ def remove_stale_folders() -> list[Path]:
     return removed
 
 
+def interactive(method):
+    """A handler a person waits for: long jobs yield the cores to it while it computes (Service.foreground)."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        with self.service.foreground():
+            return method(self, *args)
+    return wrapper
+
+
 class Handlers:
     """The functions behind the buttons (and API endpoints), bound to one Service."""
 
@@ -160,6 +204,7 @@ class Handlers:
             shutil.rmtree(old, ignore_errors=True)
         return folder
 
+    @interactive
     def segment(self, image, names, templates, gamma):
         """Segment `image` into the typed class names. Returns (overlay JPEG, legend HTML, share of
         pixels per class, mask PNG (pixel = index into the names), status text).
@@ -182,6 +227,7 @@ class Handlers:
             status += " ..." if len(seg.unseen) > 20 else ""
         return str(overlay), svc.legend_html(seg.names, seg.colors, seg.shares), seg.shares, str(mask), status
 
+    @interactive
     def compare(self, image, names, templates, gamma):
         """The teacher alone (training-free) and the student on the same image and names.
         Returns (teacher overlay JPEG, student overlay JPEG, legend HTML, status text)."""
@@ -223,6 +269,7 @@ class Handlers:
         seconds = time.perf_counter() - start
         return str(out), f"**{seconds:.1f} s** · {frames} frames ({frames / max(seconds, 1e-9):.1f} frames/s)"
 
+    @interactive
     def attention(self, image, names, templates):
         """GLM attention (docs/METHOD.md#global-learning-module) of the teacher's CLS token over the student's features,
         and the cosine similarity of the student's features to each typed class name.
@@ -250,6 +297,7 @@ class Handlers:
             status += f"  \nSimilarity colour scale, all classes: cosine {lo:.2f} (dark) to {hi:.2f} (bright)"
         return heat, gallery, status
 
+    @interactive
     def pseudo_labels(self, image, label, windows, threshold, fusion):
         """PLM pseudo labels: K-Means clusters of the teacher's dense tokens per window size and
         the fused regions (training/pseudo_labels.py's functions). An optional label PNG
@@ -362,7 +410,7 @@ def live_tab(b) -> SimpleNamespace:
     ui.times = gr.State([])
     with gr.Accordion("Video file", open=False):
         with gr.Row():
-            ui.video_in = gr.Video(sources=["upload"], label="Video (MP4 or WebM)")
+            ui.video_in = checked(gr.Video(sources=["upload"], label="Video (MP4 or WebM)"), "video")
             ui.video_out = gr.Video(label="Segmented video", interactive=False)
         ui.run_video = gr.Button("Segment video", variant="primary")
         ui.video_status = status_line()
@@ -445,8 +493,11 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
         live.camera.stream(guarded(h.live), [live.camera, names, templates, gamma, live.times],
                            [live.out, live.status, live.times], stream_every=LIVE_EVERY, time_limit=LIVE_SECONDS,
                            api_name="live", concurrency_id="live", concurrency_limit=serving.concurrency)
+        # a video takes minutes: it runs in slots of its own and yields the cores to image requests between
+        # frames (Service.foreground), so it never holds up /segment (docs/DESIGN.md#reliability)
         live.run_video.click(guarded(h.video), [live.video_in, names, templates, gamma],
-                             [live.video_out, live.video_status], api_name="video", **model)
+                             [live.video_out, live.video_status], api_name="video", concurrency_id="long",
+                             concurrency_limit=serving.long_jobs)
         att.run.click(guarded(h.attention), [image, names, templates], [att.heat, att.sims, att.status],
                       api_name="attention", **model)
         plm.run.click(guarded(h.pseudo_labels), [image, plm.label, plm.windows, plm.threshold, plm.fusion],

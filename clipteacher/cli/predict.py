@@ -219,7 +219,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clipteacher.request import UserError, parse_gamma, parse_names, parse_templates
-    from clipteacher.batch import InputError, collect_inputs, output_stems, show
+    from clipteacher.batch import InputError, collect_inputs, lock_output, output_stems, show
 
     try:
         names_text = args.names if args.names is not None else read_names_file(args.names_file)
@@ -233,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         paths, notes = collect_inputs(args.inputs, out)
         stems = output_stems(paths)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = lock_output(out)  # noqa: F841 - held until this process exits
+        except OSError as err:
+            raise Fatal(f"--out {show(args.out)}: {err.strerror or err}") from None
     except (Fatal, UserError, InputError) as err:
         print(f"error: {show(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: --out {show(args.out)}: {err.strerror or err}", file=sys.stderr)
         return 2
     for note in name_notes + notes:
         print(f"note: {show(note)}", file=sys.stderr)
