@@ -92,14 +92,15 @@ def vocab_distill_loss(unit: torch.Tensor, dense: torch.Tensor, text: torch.Tens
     """
     grid = dense.shape[-2:]
     student = F.normalize(F.adaptive_avg_pool2d(unit, grid), dim=1)
-    norm = dense.float().norm(dim=1)
+    dense = dense.float()
+    norm = dense.norm(dim=1)
     keep = norm > 1e-6
     if valid is not None:
         keep &= F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0] > 0.5
     if not keep.any():
         return unit.sum() * 0.0
     s = student.permute(0, 2, 3, 1)[keep]  # N x D
-    t = (dense.float() / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
+    t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
     log_ps = F.log_softmax(s @ text.T / temperature, dim=-1)
     log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()

@@ -33,11 +33,13 @@ KS = (9, 49)
 TOP = 5  # names counted in the hubness figure
 
 
-def probe_names(names: dict[str, str], file: str, k: int, seed: int = 0) -> tuple[list[str], int]:
+def probe_names(names: dict[str, str], file: str, k: int, seed: int = 0,
+                vocabulary: list[str] | None = None) -> tuple[list[str], int]:
     """(K + 1 names in a fixed shuffled order, index of the image's own name); distractors are other
-    ImageNet names (never a duplicate of the own name), drawn with a seed fixed by (seed, k, file)."""
+    ImageNet names (never a duplicate of the own name), drawn with a seed fixed by (seed, k, file).
+    vocabulary: sorted(set(names.values())), when the caller has it already."""
     own = names[file]
-    others = sorted({n for n in names.values() if n != own})
+    others = [n for n in (vocabulary or sorted(set(names.values()))) if n != own]
     rng = np.random.default_rng([seed, k, int(name_hash(file) * 2**32)])
     chosen = [own] + [others[i] for i in rng.choice(len(others), size=k, replace=False)]
     order = rng.permutation(len(chosen))
@@ -59,6 +61,7 @@ def run_probe(bundle: Bundle, pool: Path = POOL, ks: tuple[int, ...] = KS, seed:
     if not names:
         raise SystemExit(f"error: {pool} has no images.json naming its images")
     files = probe_ids(list(names))[: limit or None]
+    vocabulary = sorted(set(names.values()))  # sorted once, not per image and K
     hub_k = max(ks)
     rows = {"student": {"correct": Counter(), "pixels": Counter()}}
     if teacher:
@@ -69,7 +72,7 @@ def run_probe(bundle: Bundle, pool: Path = POOL, ks: tuple[int, ...] = KS, seed:
         features = bundle.image_features(image)
         dense = bundle.teacher_tokens(image)[1][None] if teacher else None
         for k in ks:
-            chosen, own = probe_names(names, file, k, seed)
+            chosen, own = probe_names(names, file, k, seed, vocabulary)
             text = bundle.embed_text(chosen)
             runs = {"student": (features, bundle.unseen_bias(chosen) + bundle.hubness_bias(text, hubness))}
             if teacher:
