@@ -530,6 +530,6 @@ def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
 @pytest.mark.skipif(not (ROOT / "bundles" / "default" / "bundle.json").is_file(), reason="no bundles/default here")
 def test_default_bundle_segments_an_example():
     service = svc.Service(Bundle(ROOT / "bundles" / "default", verbose=False))
-    image, _ = svc.load_image(ROOT / "assets" / "examples" / "farm.jpg")
+    image, _ = svc.load_image(ui.examples_dir() / "farm.jpg")
     seg = service.segment(image, "building, grass, tree, cow, sky")
     assert len(seg.shares) >= 2
