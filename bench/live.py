@@ -24,7 +24,7 @@ NAMES = "building, grass, tree, cow, sky, water, road, car, person, dog"
 
 
 def frames(n: int) -> list[np.ndarray]:
-    paths = sorted(DATA.glob("*.jpg")) or sorted((ROOT / "assets" / "examples").glob("*.jpg"))
+    paths = sorted(DATA.glob("*.jpg")) or sorted((ROOT / "clipteacher" / "app" / "examples").glob("*.jpg"))
     out = []
     for i in range(n):
         image = cv2.cvtColor(cv2.imread(str(paths[i % len(paths)])), cv2.COLOR_BGR2RGB)

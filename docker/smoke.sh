@@ -200,7 +200,7 @@ done_phase
 
 # ------------------------------------------------------------------------------------------- api
 begin api
-api_line=$(helper api "http://127.0.0.1:$port/" "$repo/assets/examples/farm.jpg" "building, grass, tree, cow, sky, zebra" \
+api_line=$(helper api "http://127.0.0.1:$port/" "$repo/clipteacher/app/examples/farm.jpg" "building, grass, tree, cow, sky, zebra" \
            2>"$LOGDIR/api.log") || fail "$(tail -1 "$LOGDIR/api.log")"
 log "$api_line"
 done_phase

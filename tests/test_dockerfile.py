@@ -294,3 +294,16 @@ def test_smoke_pip_settings_carry_the_files_they_name(tmp_path):
         assert inside.startswith(helpers.CERT_DIR_IN_BUILD + "/") and str(host) not in inside
         assert (out / Path(inside).name).read_text() == text  # the copy lies in the mounted folder
     assert conf["find-links"] == "/opt/wheels"
+
+
+@pytest.mark.parametrize("script", ["docker/smoke.sh", "bench/live.py", "bench/serve.py"])
+def test_repository_files_the_harness_names_exist(script):
+    """Paths into the repository that a harness script spells out (`$repo/...`, ROOT / "a" / "b") exist: the
+    smoke test's API check sent assets/examples/farm.jpg after the examples had moved into the package."""
+    text = (ROOT / script).read_text()
+    named = re.findall(r'\$repo/([\w./-]+\.\w+)', text)
+    named += ["/".join(parts) for parts in
+              (re.findall(r'"([\w.-]+)"', m) for m in re.findall(r'ROOT((?:\s*/\s*"[\w.-]+")+)', text))]
+    assert named, f"{script}: no repository paths found (the pattern no longer fits the script)"
+    missing = [p for p in named if not (ROOT / p).exists()]
+    assert not missing, f"{script} names {missing}, which are not in the repository"
