@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime threads per request (default: cores / concurrency)")
     parser.add_argument("--max-upload-mb", type=float, default=env("CLIPTEACHER_MAX_UPLOAD_MB", "20"),
                         help="uploads above this size are refused (default 20)")
+    parser.add_argument("--long-jobs", type=int, default=env("CLIPTEACHER_LONG_JOBS", "1"),
+                        help="videos computed at once, in slots of their own (default 1; more wait in the queue)")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrency = args.concurrency or min(cores, 4)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from clipteacher.app.ui import Serving
 
     try:
-        serving = Serving(concurrency=concurrency, queue=args.queue, max_upload_mb=args.max_upload_mb)
+        serving = Serving(concurrency=concurrency, queue=args.queue, max_upload_mb=args.max_upload_mb,
+                          long_jobs=args.long_jobs)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
