@@ -72,7 +72,8 @@ def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def _inside(path: Path, folder: Path | None) -> bool:
+def inside(path: Path, folder: Path | None) -> bool:
+    """`path` is a file directly in `folder` (an output folder, already resolved) after following links."""
     return folder is not None and _real(path).parent == folder
 
 
@@ -113,7 +114,7 @@ def collect_inputs(args: list[str], out_dir: Path | None) -> tuple[list[Path], l
     unique = list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
     # keep the spelling the user gave (relative paths stay relative in messages and the summary)
     spelled = {Path(os.path.abspath(p)): p for p in reversed(found)}
-    paths = [spelled[p] for p in unique if not _inside(p, out_dir)]
+    paths = [spelled[p] for p in unique if not inside(p, out_dir)]
     if len(paths) < len(unique):
         notes.append(f"{len(unique) - len(paths)} file(s) in the output folder were not taken as inputs")
     if not paths:
@@ -122,20 +123,26 @@ def collect_inputs(args: list[str], out_dir: Path | None) -> tuple[list[Path], l
     return paths, notes
 
 
-def output_stems(paths: list[Path]) -> list[str]:
+def output_stems(paths: list) -> list[str]:
     """Per input path, the stem its outputs are named after: the image's stem, or, when several inputs
     share it (ignoring case), '<stem>-<8 hex of the absolute path>' for each of them. Raises InputError
     if names still clash."""
+    def stem(p) -> str:  # URIs (s3://...) stay strings: Path would fold their '//'
+        return Path(p).stem
+
+    def where(p) -> str:
+        return p if isinstance(p, str) and "://" in p else os.path.abspath(p)
+
     groups = defaultdict(list)
     for p in paths:
-        groups[p.stem.casefold()].append(p)
+        groups[stem(p).casefold()].append(p)
     stems = []
     for p in paths:
-        if len(groups[p.stem.casefold()]) == 1:
-            stems.append(p.stem)
+        if len(groups[stem(p).casefold()]) == 1:
+            stems.append(stem(p))
         else:
-            digest = hashlib.blake2b(os.fsencode(os.path.abspath(p)), digest_size=4).hexdigest()
-            stems.append(f"{p.stem}-{digest}")
+            digest = hashlib.blake2b(os.fsencode(where(p)), digest_size=4).hexdigest()
+            stems.append(f"{stem(p)}-{digest}")
     if len({s.casefold() for s in stems}) < len(stems):  # an image literally named like another's '<stem>-<hex>'
         raise InputError("two inputs would write the same mask name even with their path hash; rename one")
     return stems
@@ -236,3 +243,87 @@ class Summary:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def student_passes(bundle, images: list) -> list:
+    """1 x D x h x w features per image; images of one size share a run of the student (B x 3 x H x W).
+    A batch that fails is retried image by image, so one image's error stays its own (an exception
+    in place of its features)."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(i)
+    features: list = [None] * len(images)
+    for group in by_size.values():
+        try:
+            batch = bundle.batch_features([images[i] for i in group])
+            for k, i in enumerate(group):
+                features[i] = batch[k:k + 1]
+        except Exception:  # noqa: BLE001 - retried one by one below, where the error is reported per image
+            for i in group:
+                try:
+                    features[i] = bundle.image_features(images[i])
+                except Exception as err:  # noqa: BLE001
+                    features[i] = err
+    return features
+
+
+OVERLAY_ALPHA = 0.5
+
+
+def failure_message(err: BaseException) -> str:
+    """The one-line reason one image failed (its summary line)."""
+    from clipteacher.request import UserError
+
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):  # writing the outputs
+        return f"cannot write the outputs: {err.strerror or err}"
+    if isinstance(err, MemoryError):
+        return "out of memory for this image"
+    return f"internal error ({type(err).__name__}: {err})"
+
+
+def encode_outputs(bundle, image, notes: list[str], features, names: list[str], gamma=None, templates=None,
+                   overlay: bool = False) -> dict:
+    """Classify one image whose student features (1 x D x h x w) are known -> its files as bytes and its
+    summary fields: {"mask": PNG bytes, "overlay": JPEG bytes or None, "item": {width, height, shares[, notes]}}.
+    Both engines of clipteacher-predict (this process, Ray Data actors) produce their outputs here."""
+    import io
+
+    from PIL import Image
+
+    from clipteacher.pseudo.vis import overlay as draw_overlay
+    from clipteacher.pseudo.vis import region_palette
+    from clipteacher.request import mask_png, shares_of
+
+    labels, _ = bundle.label_features(features, names, image.shape[:2], gamma, templates)
+    colors = region_palette(len(names))
+    mask = io.BytesIO()
+    mask_png(labels, names, colors, mask)
+    picture = None
+    if overlay:
+        buf = io.BytesIO()
+        Image.fromarray(draw_overlay(image, labels, OVERLAY_ALPHA, colors)).save(buf, format="JPEG", quality=90)
+        picture = buf.getvalue()
+    item = {"width": image.shape[1], "height": image.shape[0],
+            "shares": {k: round(v, 6) for k, v in shares_of(labels, names).items()}}
+    if notes:
+        item["notes"] = list(notes)
+    return {"mask": mask.getvalue(), "overlay": picture, "item": item}
+
+
+def write_outputs(out: Path, path, stem: str, encoded: dict, summary: Summary, started: float) -> None:
+    """Write one image's encoded outputs into `out`. The summary line is added before the mask is renamed
+    into place: a kill in between leaves a line without a mask, which a resumed run redoes. `started`:
+    perf_counter time this image's work began (decoding, its share of the batch)."""
+    import time
+
+    if encoded["overlay"] is not None:
+        atomic_write(out / f"{stem}.overlay.jpg", lambda tmp: tmp.write_bytes(encoded["overlay"]))
+    item = {"file": str(path), "mask": f"{stem}.png", **encoded["item"]}
+
+    def commit():
+        item["seconds"] = round(time.perf_counter() - started, 4)
+        summary.add(item)
+
+    atomic_write(out / f"{stem}.png", lambda tmp: tmp.write_bytes(encoded["mask"]), commit)

@@ -38,10 +38,10 @@ class UserError(ValueError):
     """Bad input, explained in one line for the UI."""
 
 
-def _open(path) -> Image.Image:
-    if path is None or str(path) == "":
+def _open(path, name: str | None = None) -> Image.Image:
+    if path is None or (name is None and str(path) == ""):
         raise UserError("Upload an image first (or pick one of the examples).")
-    name = Path(str(path)).name
+    name = name or Path(str(path)).name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -57,12 +57,14 @@ def _open(path) -> Image.Image:
     return im
 
 
-def load_image(path) -> tuple[np.ndarray, list[str]]:
-    """Image file -> (H x W x 3 uint8 RGB at most MAX_SIDE on its longer side, notes).
+def load_image(path, name: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Image file (or a binary file object, with `name` for messages) -> (H x W x 3 uint8 RGB at most
+    MAX_SIDE on its longer side, notes).
 
     Grey, palette, RGBA and 16-bit files are converted as the training data is (clipteacher.train.datasets).
     JPEGs are decoded at reduced size when they are large, so memory stays bounded."""
-    im = _open(path)
+    im = _open(path, name)
+    name = name or Path(str(path)).name
     notes = []
     with im:
         tag = orientation(im)  # phone photos are stored sideways with a tag; the user sees them upright
@@ -88,7 +90,7 @@ def load_image(path) -> tuple[np.ndarray, list[str]]:
                 notes.append(f"The image is {w} x {h} pixels; it was downscaled to {shown[0]} x {shown[1]}.")
             image = to_rgb(make_upright(im, tag))
         except (OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"{Path(str(path)).name} could not be decoded ({err}).") from None
+            raise UserError(f"{name} could not be decoded ({err}).") from None
     return image, notes
 
 
@@ -196,7 +198,7 @@ def parse_windows(text) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------- pictures
 
 
-def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path: Path) -> Path:
+def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path):
     """Save H x W class indices as an 8-bit palette PNG (pixel = index into names; the names
     are stored in the PNG's 'classes' text chunk as JSON)."""
     from PIL import PngImagePlugin
@@ -207,7 +209,7 @@ def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path: Pat
     im.putpalette(palette.ravel().tolist())
     info = PngImagePlugin.PngInfo()
     info.add_itxt("classes", json.dumps(names, ensure_ascii=False))
-    im.save(path, pnginfo=info)
+    im.save(path, format="PNG", pnginfo=info)  # a path or a binary file object
     return path
 
 

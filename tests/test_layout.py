@@ -16,7 +16,8 @@ from helpers import ROOT
 
 TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.request", "clipteacher.runtime.resolve", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
               "clipteacher.runtime.clip_tokenizer", "clipteacher.app.service", "clipteacher.app.ui",
-              "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict"]
+              "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict", "clipteacher.serve.api",
+              "clipteacher.export.triton"]
 SCRIPTS = {"clipteacher-train": "train", "clipteacher-eval": "evaluate", "clipteacher-pseudo": "pseudo_labels",
            "clipteacher-export": "export", "clipteacher-app": "app", "clipteacher-predict": "predict"}
 
@@ -35,7 +36,17 @@ def test_torch_free_modules_do_not_import_torch():
 
 INFERENCE = ["clipteacher/models", "clipteacher/predictor.py", "clipteacher/runtime", "clipteacher/app",
              "clipteacher/request.py", "clipteacher/config.py", "clipteacher/checkpoint.py", "clipteacher/io.py",
-             "clipteacher/prompts.py", "clipteacher/batch.py", "clipteacher/cli/predict.py", "clipteacher/cli/app.py"]
+             "clipteacher/prompts.py", "clipteacher/batch.py", "clipteacher/cli/predict.py", "clipteacher/cli/app.py",
+             "clipteacher/serve", "clipteacher/export/triton.py"]
+
+
+def test_ray_front_ends_do_not_import_torch():
+    pytest.importorskip("ray", reason="Ray is not installed")
+    code = ("import sys, clipteacher.serve.ray_serve, clipteacher.serve.ray_data\n"
+            "heavy = [m for m in ('torch', 'timm', 'open_clip', 'transformers') if m in sys.modules]\n"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    res = run_python(code)
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]
 
 
 def imported_modules(path) -> set[str]:

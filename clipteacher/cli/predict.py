@@ -19,12 +19,12 @@ image failed, 2 for bad arguments (one line), 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8", "fp16")
-OVERLAY_ALPHA = 0.5
 DEVICES = {"auto": None, "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
 
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")
     p.add_argument("--overlay", action="store_true", help="also write DIR/<stem>.overlay.jpg")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose mask is already in DIR")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: a Ray Data actor pool (Ray's cluster when RAY_ADDRESS is set; "
+                        "inputs may also be Parquet/CSV files with a 'path' column, local or any pyarrow URI)")
+    p.add_argument("--actors", type=int, default=2, help="--engine ray: actors in the pool, one bundle each (default 2)")
     p.add_argument("--batch", type=int, default=8,
                    help="images read at a time; those of one size share a run of the student (default 8; "
                         "1 = one image per run)")
@@ -94,71 +98,13 @@ def open_bundle(args):
     return bundle
 
 
-def write_outputs(bundle, path: Path, stem: str, image, notes: list[str], features, seconds: float,
-                  out: Path, args, summary) -> None:
-    """Classify one image whose student features are known and write its files. `seconds`: its share of
-    the work so far (decoding, its part of the batch). The summary line is added before the mask is
-    renamed into place: a kill in between leaves a line without a mask, which a resumed run redoes."""
-    from PIL import Image
-
-    from clipteacher.batch import atomic_write
-    from clipteacher.pseudo.vis import overlay, region_palette
-    from clipteacher.request import mask_png, shares_of
-
-    start = time.perf_counter() - seconds
-    names = args.name_list
-    labels, _ = bundle.label_features(features, names, image.shape[:2], args.gamma, args.template_list)
-    colors = region_palette(len(names))
-    if args.overlay:
-        picture = Image.fromarray(overlay(image, labels, OVERLAY_ALPHA, colors))
-        atomic_write(out / f"{stem}.overlay.jpg", lambda tmp: picture.save(tmp, quality=90))
-    item = {"file": str(path), "mask": f"{stem}.png", "width": image.shape[1], "height": image.shape[0],
-            "shares": {k: round(v, 6) for k, v in shares_of(labels, names).items()}}
-    if notes:
-        item["notes"] = notes
-
-    def commit():
-        item["seconds"] = round(time.perf_counter() - start, 4)
-        summary.add(item)
-
-    atomic_write(out / f"{stem}.png", lambda tmp: mask_png(labels, names, colors, tmp), commit)
-
-
 def failure(err: BaseException) -> str:
     """The one-line reason an image failed; Fatal and interrupts are not failures of one image."""
-    from clipteacher.request import UserError
+    from clipteacher.batch import failure_message
 
     if isinstance(err, (Fatal, KeyboardInterrupt)):
         raise err
-    if isinstance(err, UserError):
-        return str(err)
-    if isinstance(err, OSError):  # writing the outputs
-        return f"cannot write the outputs: {err.strerror or err}"
-    if isinstance(err, MemoryError):
-        return "out of memory for this image"
-    return f"internal error ({type(err).__name__}: {err})"
-
-
-def student_passes(bundle, images: list) -> list:
-    """1 x D x h x w features per image; images of one size share a run of the student (B x 3 x H x W).
-    A batch that fails is retried image by image, so one image's error stays its own (an exception
-    in place of its features)."""
-    by_size: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_size.setdefault(image.shape, []).append(i)
-    features: list = [None] * len(images)
-    for group in by_size.values():
-        try:
-            batch = bundle.batch_features([images[i] for i in group])
-            for k, i in enumerate(group):
-                features[i] = batch[k:k + 1]
-        except Exception:  # noqa: BLE001 - retried one by one below, where the error is reported per image
-            for i in group:
-                try:
-                    features[i] = bundle.image_features(images[i])
-                except Exception as err:  # noqa: BLE001
-                    features[i] = err
-    return features
+    return failure_message(err)
 
 
 def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> dict:
@@ -167,7 +113,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
     never loads the model."""
     from tqdm import tqdm
 
-    from clipteacher.batch import Summary, remove_stale_partials, show
+    from clipteacher.batch import Summary, encode_outputs, remove_stale_partials, show, student_passes, write_outputs
     from clipteacher.request import load_image
 
     remove_stale_partials(out)
@@ -208,7 +154,10 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
                 try:
                     if isinstance(feats, Exception):
                         raise feats
-                    write_outputs(bundle[0], path, stem, image, notes, feats, decoded + share, out, args, summary)
+                    started = time.perf_counter() - decoded - share
+                    encoded = encode_outputs(bundle[0], image, notes, feats, args.name_list, args.gamma,
+                                             args.template_list, args.overlay)
+                    write_outputs(out, path, stem, encoded, summary, started)
                     counts["done"] += 1
                     bar.update()
                 except Exception as err:  # noqa: BLE001
@@ -216,10 +165,54 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
     return counts
 
 
+def inputs(args, out: Path) -> tuple[list, list[str]]:
+    """The image paths of the input arguments; with --engine ray, Parquet/CSV path lists are read too."""
+    from clipteacher.batch import InputError, collect_inputs, inside
+
+    lists = [a for a in args.inputs if a.lower().endswith((".parquet", ".csv"))]
+    if lists and args.engine != "ray":
+        raise Fatal(f"{lists[0]} is a list of paths: read it with --engine ray")
+    plain = [a for a in args.inputs if a not in lists]
+    paths, notes = collect_inputs(plain, out) if plain else ([], [])
+    if lists:
+        from clipteacher.serve.ray_data import read_path_list
+
+        listed = []
+        for arg in lists:
+            try:
+                listed += read_path_list(arg)
+            except ValueError as err:
+                raise InputError(str(err)) from None
+        resolved = Path(os.path.realpath(out))
+        kept = [p for p in listed if "://" in p or not inside(Path(p), resolved)]
+        if len(kept) < len(listed):
+            notes.append(f"{len(listed) - len(kept)} listed file(s) in the output folder were not taken as inputs")
+        paths += [Path(p) if "://" not in p else p for p in dict.fromkeys(kept)]
+        if not paths:
+            raise InputError(f"{lists[0]}: its 'path' column lists no files")
+    return paths, notes
+
+
+def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
+    """--engine ray: the default bundle is built here once; the actors open it."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise Fatal("--engine ray needs Ray: pip install -e .[ray] (or pip install 'ray[data]')") from None
+    from clipteacher.runtime.resolve import StartupError, resolve_bundle
+    from clipteacher.serve import ray_data
+
+    try:
+        bundle_dir = resolve_bundle(args.bundle)
+    except (StartupError, FileNotFoundError, ValueError) as err:
+        raise Fatal(str(err)) from None
+    return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clipteacher.request import UserError, parse_gamma, parse_names, parse_templates
-    from clipteacher.batch import InputError, collect_inputs, lock_output, output_stems, show
+    from clipteacher.batch import InputError, lock_output, output_stems, show
 
     try:
         names_text = args.names if args.names is not None else read_names_file(args.names_file)
@@ -230,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         args.gamma = parse_gamma(args.gamma)
         if not 1 <= args.batch <= 64:
             raise Fatal(f"--batch must be between 1 and 64, got {args.batch}")
+        if not 1 <= args.actors <= 1024:
+            raise Fatal(f"--actors must be between 1 and 1024, got {args.actors}")
         out = Path(args.out)
-        paths, notes = collect_inputs(args.inputs, out)
+        paths, notes = inputs(args, out)
         stems = output_stems(paths)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        counts = run(args, paths, stems, out, lambda: open_bundle(args))
+        if args.engine == "ray":
+            counts = run_ray(args, paths, stems, out)
+        else:
+            counts = run(args, paths, stems, out, lambda: open_bundle(args))
     except Fatal as err:
         print(f"error: {show(err)}", file=sys.stderr)
         return 2
