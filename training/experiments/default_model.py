@@ -108,6 +108,13 @@ def unseen_figure(seg: Segmenter, path: Path, gamma: float) -> list[dict]:
              "shares": {n: round(float(s), 3) for n, s in zip(r["names"], r["shares"])}} for r in rows]
 
 
+def weights(cfg: dict) -> str:
+    """'msrc21 1, siftflow 1, imagenet_samples 3' from a config dict."""
+    sources = [(cfg["data"]["root"], cfg["data"].get("weight", 1.0))]
+    sources += [(x["root"], x.get("weight", 1.0)) for x in cfg["data"].get("extra", [])]
+    return ", ".join(f"{Path(root).name} {w:g}" for root, w in sources)
+
+
 def card(path: Path, ckpt: dict, scores: dict, seconds: float | None, command: str, note: str = "") -> str:
     cfg = ckpt["config"]
     size_mb = (path / WEIGHTS).stat().st_size / 2**20
@@ -128,8 +135,12 @@ Load it with `Segmenter.from_pretrained("assets/default")` or export it with
   classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg['teacher']['input_size']} px, cached.
   Class-name embeddings: all-MiniLM-L6-v2 (templates {cfg['teacher']['templates']}).
 - **Data**: MSRC-21 `train` (355 images) and SIFT Flow `train` (1900 images) with all their labels, plus the
-  1000 unlabelled ImageNet pool images (GLM and PLM only, no names), equal weights; {ckpt['step']} iterations of
+  unlabelled ImageNet pool images (GLM, PLM and distillation only, no names; the open-vocabulary probe's 200
+  images left out); sampling weights {weights(cfg)}; {ckpt['step']} iterations of
   batch {cfg['train']['batch_size']}, crop {cfg['data']['crop_size']}; {hours}.{(' ' + note) if note else ''}
+- **Losses**: NEL (seen-class labels), GLM {cfg['loss']['glm_weight']:g}, PLM {cfg['loss']['ce_weight']:g} / {cfg['loss']['gen_weight']:g},
+  dense distillation {cfg['loss'].get('dense_weight', 0.0):g}, vocabulary distillation {cfg['loss'].get('vocab_weight', 0.0):g}
+  (docs/METHOD.md).
 - **Vocabulary** ({len(ckpt['vocabulary'])} names, the union of both datasets): {", ".join(ckpt['vocabulary'])}.
   Any other typed name is outside the vocabulary and gets the unseen bias gamma.
 - **gamma**: {ckpt['gamma']}, the value the zero-shot benchmarks' calibration runs chose on held-aside train
