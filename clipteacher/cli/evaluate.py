@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="mmseg: a class predicted but absent from the ground truth counts with IoU 0 (default); "
                              "gt_only: the old rule, only ground-truth classes are averaged")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the student runs")
+    parser.add_argument("--hubness", type=float, default=0.0, metavar="STRENGTH",
+                        help="hubness correction as served (Bundle.hubness_bias): subtract STRENGTH x logit scale x "
+                             "(name . mean reference feature); 0 = off (default); the app's strength is 1")
     args = parser.parse_args(argv)
     try:
         from clipteacher.train.datasets import build_dataset
@@ -50,23 +53,48 @@ def main(argv: list[str] | None = None) -> int:
         classes = list(folder.info.classes)
         gamma = seg.gamma if args.gamma is None else args.gamma
         text = seg.text_embeddings(classes)
-        result = evaluate(seg.student, folder, text, unseen_bias(classes, seg.vocabulary, gamma),
+        bias = unseen_bias(classes, seg.vocabulary, gamma)
+        if args.hubness:
+            bias = bias + hubness_bias(seg, text, args.hubness)
+        result = evaluate(seg.student, folder, text, bias,
                           seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device,
                           absent=args.absent)
     except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
+                   "hubness": args.hubness,
                    "absent": args.absent, "seen_in_training": seg.vocabulary})
     out = Path(args.out) if args.out else default_output(Path(args.checkpoint), f"eval_{folder.info.name}_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}): " + "  ".join(
+    print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}"
+          + (f", hubness {args.hubness:g}" if args.hubness else "") + "): " + "  ".join(
         f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
     for name, iou in result["per_class"].items():
         tag = "unseen" if name in folder.info.unseen else "seen"
         print(f"  {name:20s} {tag:6s} " + ("  n/a" if iou is None else f"{iou:5.1f}"))
     print(f"wrote {out}")
     return 0
+
+
+def hubness_bias(seg, text, strength: float):
+    """C: the served hubness correction for these class embeddings (C x D), from the model's stored reference
+    or, like clipteacher-export, from the mean student feature over training images."""
+    import torch
+
+    mean = seg.feature_mean
+    if mean is None:
+        from clipteacher.export.bundle import feature_mean, reference_images
+
+        images, origin = reference_images(seg.cfg)
+        if not images:
+            raise ValueError("--hubness: the model has no hubness reference and its training images are not here")
+        import copy
+
+        # on a CPU copy: feature_mean feeds CPU tensors, and the student being evaluated stays on its device
+        mean = torch.from_numpy(feature_mean(copy.deepcopy(seg.student).cpu().eval(), images))
+        print(f"hubness reference: {origin}", file=sys.stderr)
+    return -strength * seg.cfg.student.logit_scale * (text.float().cpu() @ mean.float().cpu())
 
 
 if __name__ == "__main__":
