@@ -211,3 +211,17 @@ def test_a_killed_replica_loses_no_request_and_the_survivor_answers(service, bun
     assert all(check(bundle, seed, reply) for seed, (reply, _) in results.items())
     after = [ask(service, seed)[0] for seed in range(200, 204)]  # answered after the kill, no retry needed
     assert all(check(bundle, 200 + i, r) for i, r in enumerate(after))
+
+
+def test_serve_config_is_valid_and_its_import_path_builds_the_app(bundle_dir):
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text()))
+    app = config.applications[0]
+    module, name = app.import_path.split(":")
+    built = getattr(importlib.import_module(module), name)({**app.args, "bundle": str(bundle_dir)})
+    assert isinstance(built, serve.Application)
+    assert [d.name for d in app.deployments] == ["Segmenter"]  # the deployment the YAML configures exists
