@@ -25,17 +25,7 @@ from clipteacher.runtime import resolve as resolver
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.runtime import Bundle
 from clipteacher.config import PLMConfig
-from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, start_app, tiny_bundle
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def service(bundle_dir):
-    return svc.Service(Bundle(bundle_dir, verbose=False))
-
+from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, start_app
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

@@ -10,18 +10,7 @@ from PIL import Image
 
 from clipteacher.app import service as svc
 from clipteacher.app.ui import Handlers, guarded
-from clipteacher.runtime import Bundle
-from helpers import free_port, start_app, tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def service(bundle_dir):
-    return svc.Service(Bundle(bundle_dir, verbose=False))
+from helpers import free_port, start_app
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -19,12 +18,7 @@ from clipteacher.app import ui
 from clipteacher.cli import predict
 from clipteacher.request import MAX_GAMMA, UserError, parse_gamma
 from clipteacher.runtime import Bundle
-from helpers import free_port, tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
+from helpers import free_port
 
 
 def write_image(path: Path, seed: int = 0) -> Path:

@@ -18,14 +18,9 @@ from clipteacher import batch
 from clipteacher.app import service as svc
 from clipteacher.cli import predict
 from clipteacher.runtime import Bundle
-from helpers import ROOT, tiny_bundle
+from helpers import ROOT
 
 NAMES = "sky, grass, cow, zebra"
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
 
 
 def write_images(folder: Path, n: int, seed: int = 0, size=(48, 64), prefix: str = "img") -> list[Path]:
@@ -315,3 +310,27 @@ print("torch-free")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "torch-free"
+
+
+def test_hubness_correction_by_hand(bundle_dir):
+    """Bundle.hubness_bias is -strength x logit_scale x (name . reference mean), and segmentation applies it by
+    the bundle's default: a name aligned with the mean of training features (a hub) is pushed down."""
+    bundle = Bundle(bundle_dir, verbose=False)
+    d = bundle.embed_dim
+    mean = np.zeros(d, np.float32)
+    mean[0] = 0.5
+    bundle.meta["hubness"] = {"mean": mean.tolist(), "strength": 2.0, "default": False}
+    text = np.eye(d, dtype=np.float32)[:3]  # names along axes 0, 1, 2
+    assert np.allclose(bundle.hubness_bias(text), 0.0)  # off by the bundle's default
+    assert np.allclose(bundle.hubness_bias(text, on=True), [-2.0 * bundle.logit_scale * 0.5, 0.0, 0.0])
+    bundle.meta["hubness"]["default"] = True
+    assert np.allclose(bundle.hubness_bias(text), [-bundle.logit_scale, 0.0, 0.0])
+    del bundle.meta["hubness"]
+    with pytest.raises(ValueError, match="no hubness reference"):
+        bundle.hubness_bias(text, on=True)
+
+
+def test_exported_bundles_serve_the_hubness_correction_by_default(bundle_dir):
+    """Chosen on train/val/probe (docs/RESULTS.md): the correction is on in every bundle exported from now on."""
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta.get("hubness") is None or meta["hubness"]["default"] is True

@@ -15,12 +15,7 @@ import pytest
 from clipteacher.app import service as svc
 from clipteacher.app.ui import build_demo
 from clipteacher.runtime import Bundle, cuda_libs, providers
-from helpers import ROOT, free_port, tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
+from helpers import ROOT, free_port
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,13 @@ from PIL import Image
 
 from clipteacher.cli import predict
 from clipteacher.runtime import Bundle
-from helpers import ROOT, free_port, tiny_bundle
+from helpers import ROOT, free_port
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e .[ray])")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 NAMES = ["sky", "grass", "cow", "zebra", "lamp"]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def service(cluster, bundle_dir):
+def serve_url(cluster, bundle_dir):
     from clipteacher.serve.ray_serve import Segmenter
 
     port = free_port()
@@ -165,16 +160,16 @@ def test_a_path_list_without_the_ray_engine_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("read it with --engine ray")
 
 
-def test_both_replicas_answer_and_answers_never_mix(service, bundle_dir):
+def test_both_replicas_answer_and_answers_never_mix(serve_url, bundle_dir):
     bundle = Bundle(bundle_dir, verbose=False)
     with ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(lambda seed: ask(service, seed)[0], range(32)))
+        replies = list(pool.map(lambda seed: ask(serve_url, seed)[0], range(32)))
     assert len({r["replica"] for r in replies}) == 2
     assert all(check(bundle, seed, r) for seed, r in enumerate(replies))  # 0 mixed-up answers
 
 
-def test_errors_are_one_line_and_the_replicas_keep_serving(service):
-    info = httpx.get(service, timeout=60).json()
+def test_errors_are_one_line_and_the_replicas_keep_serving(serve_url):
+    info = httpx.get(serve_url, timeout=60).json()
     assert info["provider"] == "CPUExecutionProvider" and "sky" in info["vocabulary"]
     cases = [(b"{not json", 400), (json.dumps({"image": "!!", "names": "cow"}).encode(), 400),
              (json.dumps({"image": base64.b64encode(b"no image").decode(), "names": "cow"}).encode(), 400),
@@ -182,14 +177,14 @@ def test_errors_are_one_line_and_the_replicas_keep_serving(service):
              (json.dumps({**request_body(picture(0), ["cow"]), "extra": 1}).encode(), 400),
              (b"x" * 30_000_000, 413)]
     for body, status in cases:
-        r = httpx.post(service, content=body, timeout=60)
+        r = httpx.post(serve_url, content=body, timeout=60)
         assert r.status_code == status, r.text
         message = r.json()["error"]
         assert message and "\n" not in message and "Traceback" not in message
-    assert ask(service, 3)[0]["classes"] == NAMES[0:3]
+    assert ask(serve_url, 3)[0]["classes"] == NAMES[0:3]
 
 
-def test_a_killed_replica_loses_no_request_and_the_survivor_answers(service, bundle_dir):
+def test_a_killed_replica_loses_no_request_and_the_survivor_answers(serve_url, bundle_dir):
     from ray.util.state import list_actors
 
     bundle = Bundle(bundle_dir, verbose=False)
@@ -198,7 +193,7 @@ def test_a_killed_replica_loses_no_request_and_the_survivor_answers(service, bun
     results, done = {}, threading.Event()
 
     def load(seed: int):
-        results[seed] = ask(service, seed, retries=3)
+        results[seed] = ask(serve_url, seed, retries=3)
         if len(results) >= 4:
             done.set()
 
@@ -209,7 +204,7 @@ def test_a_killed_replica_loses_no_request_and_the_survivor_answers(service, bun
         for f in futures:
             f.result()
     assert all(check(bundle, seed, reply) for seed, (reply, _) in results.items())
-    after = [ask(service, seed)[0] for seed in range(200, 204)]  # answered after the kill, no retry needed
+    after = [ask(serve_url, seed)[0] for seed in range(200, 204)]  # answered after the kill, no retry needed
     assert all(check(bundle, 200 + i, r) for i, r in enumerate(after))
 
 

@@ -13,15 +13,9 @@ import pytest
 from clipteacher.cli import export as export_cli
 from clipteacher.export import triton
 from clipteacher.runtime import Bundle
-from helpers import tiny_bundle
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
 from google.protobuf import text_format  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
