@@ -138,3 +138,13 @@ def test_training_stops_on_a_typo_before_loading_anything():
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert re.search(r"teacher\.mode.*online.*cached.*cahced", lines[0]), lines[0]
+
+
+def test_docs_and_model_folders_name_no_machine_paths():
+    """Commands anyone can run, not folders of the machine that trained a model (/tmp/..., /work/..., home dirs)."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "assets").rglob("README.md")),
+             *sorted((ROOT / "assets").rglob("config.json"))]
+    pattern = re.compile(r"(?<![\w.])/(tmp|work|root|home|var/tmp)/\w")
+    offenders = [f"{f.relative_to(ROOT)}:{i}" for f in files
+                 for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
