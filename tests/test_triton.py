@@ -78,6 +78,9 @@ def test_client_flow_of_the_readme_gives_the_bundles_mask(repo, bundle_dir):
         rows.append(emb / np.linalg.norm(emb))
     text = np.stack(rows).astype(np.float32)
     bias = np.array([meta["gamma"] if n not in meta["vocabulary"] else 0.0 for n in names], np.float32)
+    hub = meta.get("hubness")
+    if hub and hub["default"]:
+        bias -= hub["strength"] * meta["logit_scale"] * (text @ np.asarray(hub["mean"], np.float32))
     h, w = image.shape[:2]
     s = meta["eval_size"] / min(h, w)
     small = cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
