@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             note += f"; vs fp32: feature cos {cos:.4f}, labels agree {100 * agree:.2f}%"
         rows.append((f"student ONNX {precision}", ms, note))
 
-    if Path(checkpoint).is_file():
+    if Path(checkpoint).exists():  # a .pt file or a model folder
         from clipteacher.predictor import Segmenter
 
         student = Segmenter.from_checkpoint(checkpoint).student.eval()
