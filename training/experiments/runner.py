@@ -7,7 +7,8 @@ the same for all: full (NEL + GLM + PLM), no_glm, no_plm, seen_only (NEL alone),
 labelled, the upper bound), teacher (the teacher's own training-free dense prediction), full_pool (full
 plus the unlabelled image pool, beyond the paper), full_online (full with the teacher run on every crop
 instead of the cache), full_dense (full plus dense distillation on unlabelled pixels, beyond the paper), and
-full_long / full_dense_long (full / full_dense on a 6x schedule).
+full_long / full_dense_long (full / full_dense on a 6x schedule), full_dense_vocab (full_dense plus vocabulary
+distillation over the ImageNet and dataset names, beyond the paper).
 
 gamma is chosen without unseen labels and without the images that are scored (docs/DESIGN.md, unseen
 bias): for every zero-shot row a calibration model is trained with the benchmark's pseudo-unseen classes
@@ -62,6 +63,7 @@ ROWS = {
     "full_dense": ["loss.dense_weight=1"],  # beyond the paper: student pulled to the teacher's dense tokens
     "full_long": ["train.iters=1200"],  # the full row on a 6x schedule (rare SIFT Flow classes need more steps)
     "full_dense_long": ["loss.dense_weight=1", "train.iters=1200"],  # full_dense on the same 6x schedule
+    "full_dense_vocab": ["loss.dense_weight=1", "loss.vocab_weight=1"],  # full_dense plus vocabulary distillation
 }
 SHIPPED = ("full_dense_long", "full_long", "full_dense", "full")  # benchmark checkpoint: the first row that has run
 METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")
