@@ -169,7 +169,9 @@ def inputs(args, out: Path) -> tuple[list, list[str]]:
     """The image paths of the input arguments; with --engine ray, Parquet/CSV path lists are read too."""
     from clipteacher.batch import InputError, collect_inputs, inside
 
-    lists = [a for a in args.inputs if a.lower().endswith((".parquet", ".csv"))]
+    from clipteacher.serve.ray_data import LIST_SUFFIXES
+
+    lists = [a for a in args.inputs if a.lower().endswith(LIST_SUFFIXES)]
     if lists and args.engine != "ray":
         raise Fatal(f"{lists[0]} is a list of paths: read it with --engine ray")
     plain = [a for a in args.inputs if a not in lists]
@@ -206,7 +208,10 @@ def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
         bundle_dir = resolve_bundle(args.bundle)
     except (StartupError, FileNotFoundError, ValueError) as err:
         raise Fatal(str(err)) from None
-    return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
+    try:
+        return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
+    except ray_data.RayStartError as err:
+        raise Fatal(f"--engine ray: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-LIST_SUFFIXES = (".parquet", ".csv")
+LIST_SUFFIXES = (".parquet", ".csv")  # inputs read as lists of paths (clipteacher-predict --engine ray)
 
 
-def is_path_list(arg: str) -> bool:
-    return arg.lower().endswith(LIST_SUFFIXES)
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined (one line)."""
 
 
 def read_path_list(uri: str) -> list[str]:
@@ -126,7 +126,11 @@ def run(args, paths: list[str], stems: list[str], out: Path, bundle_dir: Path, p
     if not todo:
         return counts
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING", log_to_driver=False)  # RAY_ADDRESS (or `auto`) joins a cluster
+        try:
+            ray.init(logging_level="WARNING", log_to_driver=False)  # RAY_ADDRESS (or `auto`) joins a cluster
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise RayStartError(f"cannot start or join Ray ({str(err).splitlines()[0][:200]}); "
+                                f"check RAY_ADDRESS or run `ray start --head`") from None
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([{"path": str(p), "stem": s} for p, s in todo],
                                 override_num_blocks=max(args.actors, -(-len(todo) // args.batch)))
