@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         image = read_image_file(POOL / "images" / file)
         cmp = service.compare(image, ", ".join(NAMES))
         rows.append((file, image, cmp))
-    width, row_h = 3 * (TILE + 6) + 8, TILE + 58
-    canvas = Image.new("RGB", (width, 60 + row_h * len(rows)), (255, 255, 255))
+    def shown_height(image) -> int:  # the thumbnail's height
+        h, w = image.shape[:2]
+        return round(h * min(1.0, TILE / max(h, w)))
+
+    heights = [shown_height(image) + 48 for _, image, _ in rows]  # picture + three caption lines
+    width = 3 * (TILE + 6) + 8
+    canvas = Image.new("RGB", (width, 60 + sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     half = len(NAMES) // 2
     draw.text((6, 4), f"{len(NAMES)} names typed for every image: {', '.join(NAMES[:half])},", fill=(0, 0, 0))
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     draw.text((6, 32), "probe image (ImageNet class) | teacher (training-free) | student (serving path)", fill=(0, 0, 0))
     summary = []
     for r, (file, image, cmp) in enumerate(rows):
-        y = 54 + r * row_h
+        y = 54 + sum(heights[:r])
         panels = [(image, [(meta[file]["name"], 1.0)]),
                   (overlay(image, cmp.teacher, 0.55, cmp.colors), top(cmp.teacher, cmp.names)),
                   (overlay(image, cmp.student.labels, 0.55, cmp.colors), top(cmp.student.labels, cmp.names))]
