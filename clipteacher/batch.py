@@ -284,10 +284,10 @@ def failure_message(err: BaseException) -> str:
 
 
 def encode_outputs(bundle, image, notes: list[str], features, names: list[str], gamma=None, templates=None,
-                   overlay: bool = False) -> dict:
+                   overlay: bool = False, hubness: bool | None = None) -> dict:
     """Classify one image whose student features (1 x D x h x w) are known -> its files as bytes and its
     summary fields: {"mask": PNG bytes, "overlay": JPEG bytes or None, "item": {width, height, shares[, notes]}}.
-    Both engines of clipteacher-predict (this process, Ray Data actors) produce their outputs here."""
+    Both engines of clipteacher-predict (this process, Ray Data actors) and the Serve API produce their outputs here."""
     import io
 
     from PIL import Image
@@ -296,7 +296,7 @@ def encode_outputs(bundle, image, notes: list[str], features, names: list[str], 
     from clipteacher.pseudo.vis import region_palette
     from clipteacher.request import mask_png, shares_of
 
-    labels, _ = bundle.label_features(features, names, image.shape[:2], gamma, templates)
+    labels, _ = bundle.label_features(features, names, image.shape[:2], gamma, templates, hubness)
     colors = region_palette(len(names))
     mask = io.BytesIO()
     mask_png(labels, names, colors, mask)

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipteacher.request import (UserError, load_image, mask_png, parse_gamma, parse_names, parse_templates,
-                                 shares_of)
+from clipteacher.request import UserError, load_image, parse_gamma, parse_names, parse_templates
 
 MAX_UPLOAD_MB = 20.0  # the app's default upload cap (clipteacher-app --max-upload-mb)
 
@@ -99,13 +98,11 @@ def parse_request(body: bytes, max_mb: float = MAX_UPLOAD_MB) -> Job:
     return job
 
 
-def answer(job: Job, labels: np.ndarray, colors: np.ndarray, started: float) -> dict:
-    """H x W labels of a job -> the 200 response body."""
-    png = io.BytesIO()
-    mask_png(labels, job.names, colors, png)
-    return {"classes": job.names, "shares": {k: round(v, 6) for k, v in shares_of(labels, job.names).items()},
-            "mask_png": base64.b64encode(png.getvalue()).decode("ascii"), "width": int(labels.shape[1]),
-            "height": int(labels.shape[0]), "notes": job.notes, "seconds": round(time.perf_counter() - started, 4)}
+def answer(job: Job, encoded: dict, started: float) -> dict:
+    """A job's outputs (`clipteacher.batch.encode_outputs`) -> the 200 response body."""
+    return {"classes": job.names, "shares": encoded["item"]["shares"],
+            "mask_png": base64.b64encode(encoded["mask"]).decode("ascii"), "width": encoded["item"]["width"],
+            "height": encoded["item"]["height"], "notes": job.notes, "seconds": round(time.perf_counter() - started, 4)}
 
 
 def error_body(err: BaseException) -> tuple[int, dict]:

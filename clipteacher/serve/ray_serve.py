@@ -35,13 +35,11 @@ class Segmenter:
 
     def __init__(self, bundle: str | None = None, precision: str = "fp32", threads: int = 1,
                  max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH, batch_wait_s: float = BATCH_WAIT_S):
-        from clipteacher.pseudo.vis import region_palette
         from clipteacher.runtime import Bundle
         from clipteacher.runtime.resolve import resolve_bundle
 
         self.bundle = Bundle(resolve_bundle(bundle), precision=precision, verbose=False, threads=threads, spin=False)
         self.max_upload_mb = float(max_upload_mb)
-        self.palette = region_palette
         self.features.set_max_batch_size(int(max_batch))
         self.features.set_batch_wait_timeout_s(float(batch_wait_s))
         self.replica = serve.get_replica_context().replica_id.unique_id if _in_serve() else f"local-{os.getpid()}"
@@ -61,9 +59,11 @@ class Segmenter:
         feats = await self.features(job.image)
         if isinstance(feats, Exception):
             raise feats
-        labels, _ = await asyncio.to_thread(self.bundle.label_features, feats, job.names, job.image.shape[:2],
-                                            job.gamma, job.templates, job.hubness)
-        out = await asyncio.to_thread(answer, job, labels, self.palette(len(job.names)), started)
+        from clipteacher.batch import encode_outputs
+
+        encoded = await asyncio.to_thread(encode_outputs, self.bundle, job.image, job.notes, feats, job.names,
+                                          job.gamma, job.templates, False, job.hubness)
+        out = answer(job, encoded, started)
         out["replica"] = self.replica
         return out
 
