@@ -60,6 +60,7 @@ class TeacherConfig:
     conse_topk: int = 10  # ImageNet classes mixed per location (ConSE's T)
     conse_smoothing: float = 0.0  # > 0: average dense mixtures over locations by softmax(feature cosine / this); 0 = off
     input_size: int = 448  # side of the square image the teacher sees (448 -> 14x14 tokens for lite2)
+    key_smoothing: bool = False  # clip: MaskCLIP's key smoothing of the dense tokens (the conse analogue is conse_smoothing)
     templates: tuple = ("a photo of a {}.",)  # prompt templates averaged for class-name embeddings
     mode: Literal["online", "cached"] = "online"  # online: teacher sees each augmented crop | cached: once per image
     cache_dir: str = ""  # cached mode: folder for teacher outputs, one <dataset>_<split> subfolder per source (default: <out_dir>/../teacher_cache)
@@ -118,6 +119,31 @@ class PLMConfig:
 
 
 @dataclass
+class ZegCLIPConfig:
+    """method=zegclip: the ZegCLIP / TagCLIP baselines (CLIP at inference; docs/METHOD.md#zegclip)."""
+
+    prompt_tokens: int = 10  # deep-prompt tokens per layer (ZegCLIP: 10 VOC, 35 Context, 100 COCO-Stuff)
+    prompt_layers: int = 0  # layers that get fresh prompts (0 = every layer, ZegCLIP's best)
+    decoder_dim: int = 512  # width of the attention-to-mask decoder
+    decoder_heads: int = 8  # its attention heads (must divide decoder_dim)
+    decoder_layers: int = 3  # its depth; every layer's masks are supervised (ZegCLIP's code)
+    trusty: bool = False  # TagCLIP: a trusty token and Trusty Learner; the trusty map weights seen vs unseen
+    trusty_weight: float = 10.0  # TagCLIP's gamma: dice weight of the trusty map (Fig. 5: 10 is best)
+    cls_weight: float = 0.0  # BCE weight of per-class image-level presence (TagCLIP's L_cls; 0 = off, as ZegCLIP)
+
+
+@dataclass
+class MaskCLIPConfig:
+    """method=maskclip_plus: the student trained on the teacher's dense pseudo labels, then on its own (docs/METHOD.md#maskclip)."""
+
+    weight: float = 1.0  # cross-entropy weight over `names` (seen pixels: their labels; unlabelled: pseudo labels)
+    names: Literal["dataset", "seen"] = "dataset"  # dataset: every class incl. unseen (transductive, as MaskCLIP+) | seen: inductive
+    temperature: float = 0.01  # softmax temperature of the teacher's cosine scores (CLIP's logit scale is 100)
+    denoise: float = 0.5  # prompt denoising: a class below this confidence at every location of an image is dropped there (0 = off)
+    self_train_after: float = 0.1  # share of train.iters after which pseudo labels come from the student itself (1 = never)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 6e-4  # base learning rate (head); backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1  # MMSeg-style: pretrained backbone learns 10x slower than the head
@@ -148,12 +174,15 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    method: Literal["clipteacher", "maskclip_plus", "zegclip"] = "clipteacher"  # what trains: the student (clipteacher, maskclip_plus) or ZegCLIP/TagCLIP
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     glm: GLMConfig = field(default_factory=GLMConfig)
     plm: PLMConfig = field(default_factory=PLMConfig)
+    zegclip: ZegCLIPConfig = field(default_factory=ZegCLIPConfig)
+    maskclip: MaskCLIPConfig = field(default_factory=MaskCLIPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -234,6 +263,18 @@ def _check(cfg: "Config") -> None:
     for i, e in enumerate(d.extra):
         if not e.root:
             raise ConfigError(f"config key 'data.extra[{i}].root' is empty: give the source's folder")
+    if cfg.method == "zegclip":
+        if cfg.teacher.kind != "clip":
+            raise ConfigError("method=zegclip runs CLIP itself at inference: it needs teacher.kind=clip")
+        if cfg.zegclip.decoder_dim % cfg.zegclip.decoder_heads:
+            raise ConfigError(f"zegclip.decoder_heads ({cfg.zegclip.decoder_heads}) must divide zegclip.decoder_dim "
+                              f"({cfg.zegclip.decoder_dim})")
+        if cfg.zegclip.prompt_tokens < 0:
+            raise ConfigError(f"zegclip.prompt_tokens must be >= 0; got {cfg.zegclip.prompt_tokens}")
+    if not 0.0 <= cfg.maskclip.self_train_after <= 1.0:
+        raise ConfigError(f"config key 'maskclip.self_train_after' must be in [0, 1]; got {cfg.maskclip.self_train_after}")
+    if cfg.maskclip.temperature <= 0:
+        raise ConfigError(f"config key 'maskclip.temperature' must be > 0; got {cfg.maskclip.temperature}")
 
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:

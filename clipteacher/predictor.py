@@ -16,7 +16,8 @@ from clipteacher.checkpoint import load_checkpoint
 from clipteacher.config import Config, from_dict
 from clipteacher.io import resize_short
 from clipteacher.prompts import outside_vocabulary
-from clipteacher.models.student import Student, class_logits
+from clipteacher.models.build import build_model
+from clipteacher.models.student import Student
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -31,14 +32,16 @@ def unseen_bias(classes: list[str], vocabulary: list[str], gamma: float) -> torc
 
 @torch.no_grad()
 def predict_logits(student: Student, image: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor,
-                   out_size: tuple[int, int], window: int = 0, overlap: float = 1 / 6) -> torch.Tensor:
-    """image: 1 x 3 x h x w in [0, 1]; text: C x D; bias: C. Returns 1 x C x H x W logits at out_size.
+                   out_size: tuple[int, int], window: int = 0, overlap: float = 1 / 6,
+                   unseen: torch.Tensor | None = None) -> torch.Tensor:
+    """image: 1 x 3 x h x w in [0, 1]; text: C x D; bias: C; unseen: C bool (TagCLIP's trusty weighting needs it).
+    Returns 1 x C x H x W logits at out_size. `student` is any model of `clipteacher.models.build`.
 
     window > 0 tiles images larger than window x window with overlapping crops and averages logits.
     """
     _, _, h, w = image.shape
     if window <= 0 or (h <= window and w <= window):
-        logits = class_logits(student(image), text, scale, bias)
+        logits = student.logits(image, text, scale, bias, unseen)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
     stride = max(1, int(window * (1 - overlap)))
     total = image.new_zeros(1, text.shape[0], h, w)
@@ -47,7 +50,7 @@ def predict_logits(student: Student, image: torch.Tensor, text: torch.Tensor, sc
         for x in range(0, max(w - window, 0) + stride, stride):
             y0, x0 = min(y, max(h - window, 0)), min(x, max(w - window, 0))
             crop = image[:, :, y0 : y0 + window, x0 : x0 + window]
-            logits = class_logits(student(crop), text, scale, bias)
+            logits = student.logits(crop, text, scale, bias, unseen)
             total[:, :, y0 : y0 + crop.shape[2], x0 : x0 + crop.shape[3]] += F.interpolate(
                 logits, size=crop.shape[2:], mode="bilinear", align_corners=False)
             count[:, :, y0 : y0 + crop.shape[2], x0 : x0 + crop.shape[3]] += 1
@@ -81,7 +84,7 @@ class Segmenter:
         """The same from a checkpoint already read (load_checkpoint); `path` only names it in errors."""
         cfg = from_dict(ckpt["config"], f"checkpoint {path}")
         cfg.student.pretrained = False  # the checkpoint holds the weights
-        student = Student(cfg.student, ckpt["embed_dim"])
+        student = build_model(cfg, ckpt["embed_dim"])
         state = {k[len("student."):]: v for k, v in ckpt["model"].items() if k.startswith("student.")}
         try:
             student.load_state_dict(state)
@@ -120,5 +123,7 @@ class Segmenter:
         device = next(self.student.parameters()).device
         text = self.text_embeddings(classes).to(device)
         bias = unseen_bias(classes, self.vocabulary, self.gamma if gamma is None else gamma).to(device)
-        logits = predict_logits(self.student, x.to(device), text, self.cfg.student.logit_scale, bias, (h, w), window)
+        unseen = torch.tensor(outside_vocabulary(classes, self.vocabulary), device=device)
+        logits = predict_logits(self.student, x.to(device), text, self.cfg.student.logit_scale, bias, (h, w), window,
+                                unseen=unseen)
         return logits.argmax(1)[0].cpu()

@@ -105,7 +105,12 @@ def test_entry_scripts_are_the_console_scripts(script, module):
 def choice_fields() -> list[tuple[str, tuple]]:
     """('section.field', allowed values) for every Literal field of the config."""
     out = []
+    for name, hint in get_type_hints(Config).items():  # top-level choices (method)
+        if get_origin(hint) is Literal:
+            out.append((name, get_args(hint)))
     for section in dataclasses.fields(Config):
+        if not dataclasses.is_dataclass(getattr(Config(), section.name)):
+            continue
         hints = get_type_hints(getattr(config_module, type(getattr(Config(), section.name)).__name__))
         for name, hint in hints.items():
             if get_origin(hint) is Literal:
@@ -115,7 +120,7 @@ def choice_fields() -> list[tuple[str, tuple]]:
 
 def test_every_choice_field_is_a_literal():
     found = {key for key, _ in choice_fields()}
-    assert {"data.kind", "teacher.kind", "teacher.mode", "teacher.conse_backbone", "glm.pooling", "plm.init",
+    assert {"method", "maskclip.names", "data.kind", "teacher.kind", "teacher.mode", "teacher.conse_backbone", "glm.pooling", "plm.init",
             "plm.fusion", "plm.generator", "train.device"} <= found
 
 
@@ -126,6 +131,10 @@ def test_a_typo_in_a_choice_field_names_field_value_and_choices(key, allowed):
     message = str(err.value)
     assert "\n" not in message and key in message and f"{allowed[0]}x" in message
     assert all(str(a) in message for a in allowed)
+    if key == "method":  # zegclip needs a CLIP teacher (checked across fields)
+        cfg = apply_overrides(Config(), ["teacher.kind=clip", f"{key}={allowed[-1]}"])
+        assert cfg.method == allowed[-1]
+        return
     cfg = apply_overrides(Config(), [f"{key}={allowed[-1]}"])  # every allowed value is accepted
     section, name = key.split(".")
     assert getattr(getattr(cfg, section), name) == allowed[-1]

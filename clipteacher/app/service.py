@@ -211,7 +211,7 @@ class Service:
         _, _, student_pass = self._cached("student", image, self.bundle.image_features)
         (_, dense), cached, teacher_pass = self._cached("teacher", image, self.bundle.teacher_tokens)
         labels, _ = self.bundle.classify(dense[None], self._text(student.names, parse_templates(templates_text)),
-                                         None, image.shape[:2])
+                                         None, image.shape[:2], graph="cosine")
         return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached)
 
     def live_frame(self, frame: np.ndarray, names_text: str, templates_text: str | None = None,
@@ -277,6 +277,7 @@ class Service:
         names, notes = parse_names(names_text) if (names_text or "").strip() else ([], [])
         templates = parse_templates(templates_text)
         features, _ = self.features(image)
+        features = features[:, : self.bundle.embed_dim]  # a ZegCLIP bundle packs [CLIP tokens; g]: the tokens
         (cls, _), _ = self.teacher_tokens(image)
         weights = glm_attention(cls, features[0], bool(self.bundle.meta.get("glm", {}).get("scaled", False)))
         sims = (cosine_maps(features[0], self._text(names, templates)) if names

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from clipteacher.train.datasets import build_dataset
         from clipteacher.train.engine import evaluate, resolve_device
+        import torch
+
         from clipteacher.predictor import Segmenter, unseen_bias
+        from clipteacher.prompts import outside_vocabulary
 
         folder = build_dataset(args.kind, args.data, args.split)
         folder.validate()
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             bias = bias + hubness_bias(seg, text, args.hubness)
         result = evaluate(seg.student, folder, text, bias,
                           seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device,
-                          absent=args.absent)
+                          absent=args.absent, unseen=torch.tensor(outside_vocabulary(classes, seg.vocabulary)))
     except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

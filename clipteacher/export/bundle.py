@@ -30,7 +30,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from clipteacher.export.modules import ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx
+from clipteacher.export.modules import (ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx,
+                                        ZegCLIPClassifierOnnx, ZegCLIPImageOnnx)
 from clipteacher.runtime.bundle import BUNDLE_FORMAT, HUBNESS_DEFAULT, HUBNESS_STRENGTH
 from clipteacher.io import model_digest, read_image_file, resize_short, sha256_file
 from clipteacher.checkpoint import model_record, save_checkpoint
@@ -82,6 +83,11 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[s
         if r.shape != g.shape or not ok:
             raise RuntimeError(f"{path.name}: onnxruntime output '{name}' differs from PyTorch on the dummy input")
     return got
+
+
+def feats_like(feats: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """A random 1 x C x h x w input shaped like the image pass's features (C = feats.shape[1])."""
+    return torch.randn(1, feats.shape[1], h, w)
 
 
 def check_teacher(teacher: Teacher, seg: Segmenter, checkpoint: str | Path) -> None:
@@ -278,22 +284,41 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     if int8:  # read first: unusable --calibration images stop the export before anything is traced
         images, origin = calibration_images(cfg, calibration_count, calibration, log=log)
 
-    log("export: student.onnx")
+    zegclip = cfg.method == "zegclip"
+    if zegclip and int8:
+        raise ValueError("--int8 quantises the student's head; a ZegCLIP/TagCLIP checkpoint has none (export without it)")
+    log("export: student.onnx" + (" (ZegCLIP image pass: prompted CLIP)" if zegclip else ""))
     size = cfg.data.eval_size
-    (feats,) = export_onnx(StudentOnnx(student), (torch.rand(1, 3, size, size),), folder / "student.onnx", ["image"],
+    image_pass = ZegCLIPImageOnnx(student) if zegclip else StudentOnnx(student)
+    (feats,) = export_onnx(image_pass, (torch.rand(1, 3, size, size),), folder / "student.onnx", ["image"],
                            ["features"], {"image": {0: "batch", 2: "height", 3: "width"},
                                           "features": {0: "batch", 2: "feature_height", 3: "feature_width"}})
     files["student"] = "student.onnx"
     stride = size // feats.shape[-1]
 
-    log("export: classifier.onnx")
+    feature_axes = {0: "batch", 2: "feature_height", 3: "feature_width"}
+    axes = {"features": feature_axes, "class_embeddings": {0: "classes"}, "bias": {0: "classes"},
+            "unseen": {0: "classes"}, "logits": {0: "batch", 1: "classes", 2: "feature_height", 3: "feature_width"},
+            "labels": {0: "batch", 1: "height", 2: "width"}}
     text = torch.nn.functional.normalize(torch.randn(3, dim), dim=-1)
-    export_onnx(ClassifierOnnx(cfg.student.logit_scale),
-                (torch.randn(1, dim, 12, 10), text, torch.tensor([0.0, 0.0, 1.5]), torch.tensor([48, 40])),
-                folder / "classifier.onnx", ["features", "class_embeddings", "bias", "out_size"], ["logits", "labels"],
-                {"features": {0: "batch", 2: "feature_height", 3: "feature_width"}, "class_embeddings": {0: "classes"},
-                 "bias": {0: "classes"}, "logits": {0: "batch", 1: "classes", 2: "feature_height", 3: "feature_width"},
-                 "labels": {0: "batch", 1: "height", 2: "width"}})
+    bias, out_size = torch.tensor([0.0, 0.0, 1.5]), torch.tensor([48, 40])
+    cosine = ClassifierOnnx(cfg.student.logit_scale)
+    cosine_inputs = ["features", "class_embeddings", "bias", "out_size"]
+    if zegclip:
+        log("export: classifier.onnx (ZegCLIP decoder" + (", TagCLIP trusty map)" if cfg.zegclip.trusty else ")"))
+        export_onnx(ZegCLIPClassifierOnnx(student), (feats_like(feats, 12, 10), text, bias, torch.tensor([0.0, 0.0, 1.0]),
+                                                     out_size),
+                    folder / "classifier.onnx", ["features", "class_embeddings", "bias", "unseen", "out_size"],
+                    ["logits", "labels"], {k: v for k, v in axes.items() if k != "features"} | {"features": feature_axes})
+        # the Compare view scores the teacher's dense tokens by plain cosine, as the student bundle's classifier does
+        log("export: cosine.onnx")
+        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "cosine.onnx", cosine_inputs,
+                    ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
+        files["cosine"] = "cosine.onnx"
+    else:
+        log("export: classifier.onnx")
+        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "classifier.onnx",
+                    cosine_inputs, ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
     files["classifier"] = "classifier.onnx"
 
     log("export: text_encoder.onnx")
@@ -342,12 +367,14 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     # The hubness reference travels in the model (so an export without the training data, as in Docker, has it);
     # a model without one gets it from its training images when they are on this machine.
     mean, origin = seg.feature_mean, seg.feature_mean_reference
-    if mean is None:
+    if zegclip:
+        origin = "not for ZegCLIP/TagCLIP: the correction is measured on the student's features"
+    elif mean is None:
         log("export: hubness reference")
         ref_images, origin = reference_images(cfg)
         mean = torch.from_numpy(feature_mean(student, ref_images)) if ref_images else None
     hubness = None
-    if mean is not None:
+    if mean is not None and not zegclip:
         hubness = {"mean": [float(v) for v in mean.float()], "strength": HUBNESS_STRENGTH,
                    "default": HUBNESS_DEFAULT, "reference": origin}
     else:
@@ -355,9 +382,13 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         notes["hubness"] = origin
 
     names = list(seg.text_cache)
+    pixels = student.encoder if zegclip else student  # who holds the image normalisation
     meta = {
         "format": BUNDLE_FORMAT,
         "files": files,
+        # what the image pass is: the student, or ZegCLIP/TagCLIP (features packed as [tokens; g], 2 x embed_dim)
+        "model": {"method": cfg.method, "trusty": bool(zegclip and cfg.zegclip.trusty),
+                  "feature_dim": int(feats.shape[1])},
         "vocabulary": list(seg.vocabulary),
         "gamma": float(seg.gamma),
         "hubness": hubness,
@@ -368,7 +399,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         "eval_size": int(cfg.data.eval_size),
         "input": {
             "student": {"layout": "B x 3 x H x W", "color": "RGB", "range": [0.0, 1.0], "normalised_in_graph": True,
-                        "mean": student.mean.flatten().tolist(), "std": student.std.flatten().tolist()},
+                        "mean": pixels.mean.flatten().tolist(), "std": pixels.std.flatten().tolist()},
             "teacher": {"layout": "B x 3 x S x S", "color": "RGB", "range": [0.0, 1.0], "normalised_in_graph": True,
                         "size": teacher.input_size, "mean": teacher.pixel_mean.flatten().tolist(),
                         "std": teacher.pixel_std.flatten().tolist()},

@@ -78,3 +78,38 @@ class TeacherOnnx(nn.Module):
         t = self.teacher
         out = t._embed((image - t.pixel_mean) / t.pixel_std)
         return out.cls, out.dense
+
+
+class ZegCLIPImageOnnx(nn.Module):
+    """ZegCLIP's image pass (prompted CLIP) packed into one feature map, so a bundle's callers cache and pass
+    one array whatever the model: features B x 2D x h x w = [image tokens; the global embedding g repeated
+    at every cell]. `ZegCLIPClassifierOnnx` unpacks it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        g, tokens = self.model.encode(image)
+        return torch.cat([tokens, g[:, :, None, None].expand_as(tokens)], dim=1)
+
+
+class ZegCLIPClassifierOnnx(nn.Module):
+    """ZegCLIP's vocabulary pass: packed features B x 2D x h x w, class_embeddings C x D, bias C, unseen C
+    (1.0 = outside the training vocabulary; read by TagCLIP's trusty weighting only), out_size 2
+    -> logits B x C x h x w (`clipteacher.models.zegclip.combine`), labels B x H x W (argmax of the upsampled logits)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
+                unseen: torch.Tensor, out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from clipteacher.models.zegclip import combine
+
+        d = class_embeddings.shape[1]
+        tokens, g = features[:, :d], features[:, d:, 0, 0]
+        out = self.model.decode(g, tokens, class_embeddings)
+        logits = combine(out["masks"][-1], out["trust"], unseen, bias)
+        up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
+        return logits, up.argmax(1)

@@ -100,6 +100,12 @@ class Student(nn.Module):
         feats = self.backbone(x)  # one map per stage; a stride-2 stage costs nothing extra to return
         return self.head([feats[i] for i in self.stages])
 
+    def logits(self, images: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+               unseen: torch.Tensor | None = None) -> torch.Tensor:
+        """images B x 3 x H x W, text C x D, bias C -> B x C x H/4 x W/4 (`class_logits`; unseen is not needed here:
+        the bias already carries gamma; the argument keeps one signature with `clipteacher.models.zegclip.ZegCLIP`)."""
+        return class_logits(self(images), text, scale, bias)
+
     def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
         return [
             {"params": list(self.backbone.parameters()), "lr": lr * backbone_mult, "weight_decay": weight_decay},

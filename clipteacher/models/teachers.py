@@ -178,6 +178,17 @@ def _resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, bool]:
     raise WeightsError(f"CLIP weights '{pretrained}' for {model_name} are not on this machine (no network to download them): {hint}")
 
 
+def resized_positions(visual: nn.Module, h: int, w: int) -> torch.Tensor:
+    """(1 + h*w) x W positional embedding of an open_clip ViT for an h x w token grid (bicubic, as MaskCLIP)."""
+    pos = visual.positional_embedding
+    gh, gw = visual.grid_size
+    if (gh, gw) == (h, w):
+        return pos
+    grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
+
+
 class ClipTeacher(Teacher):
     """Frozen open_clip ViT (docs/METHOD.md#clip-teacher).
 
@@ -191,7 +202,7 @@ class ClipTeacher(Teacher):
     kind = "clip"
 
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str = "openai", input_size: int = 448,
-                 clip_config: dict | None = None):
+                 clip_config: dict | None = None, key_smoothing: bool = False):
         import open_clip
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         from open_clip.transformer import ResidualAttentionBlock
@@ -222,6 +233,7 @@ class ClipTeacher(Teacher):
         if input_size % patch:
             raise ValueError(f"teacher.input_size {input_size} must be a multiple of the CLIP patch size {patch}")
         self.model_name = model_name
+        self.key_smoothing = bool(key_smoothing)
         self.patch_size = patch
         self.visual = visual
         self.text_encoder = ClipTextEncoder(clip)
@@ -235,18 +247,8 @@ class ClipTeacher(Teacher):
 
     def fingerprint(self) -> str:
         v = self.visual
-        parts = ["clip", self.source, str(self.input_size)]
+        parts = ["clip", self.source, str(self.input_size)] + (["key_smoothing"] if self.key_smoothing else [])
         return "clip-" + _digest(parts, [v.conv1.weight, v.proj, v.positional_embedding, self.text_encoder.token_embedding.weight[:64]])
-
-    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """(1 + h*w) x W positional embedding for an h x w token grid (bicubic, as MaskCLIP)."""
-        pos = self.visual.positional_embedding
-        gh, gw = self.visual.grid_size
-        if (gh, gw) == (h, w):
-            return pos
-        grid = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])
 
     def _embed(self, x: torch.Tensor) -> TeacherOutput:
         v = self.visual
@@ -254,7 +256,7 @@ class ClipTeacher(Teacher):
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([v.class_embedding.to(x.dtype).expand(b, 1, -1), x], dim=1)  # B x (1+hw) x W
-        x = v.ln_pre(x + self._pos_embed(h, w).to(x.dtype))
+        x = v.ln_pre(x + resized_positions(v, h, w).to(x.dtype))
 
         blocks = v.transformer.resblocks
         batch_first = v.transformer.batch_first
@@ -277,6 +279,12 @@ class ClipTeacher(Teacher):
 
         cls = F.normalize(v.ln_post(c[:, 0]) @ v.proj, dim=-1)
         dense = F.normalize(v.ln_post(d) @ v.proj, dim=-1)  # B x hw x D
+        if self.key_smoothing:
+            # MaskCLIP's key smoothing: pred_i = sum_j cos(k_i, k_j) pred_j with the last block's keys. Scores
+            # are linear in the tokens, so smoothing the tokens smooths every class score the same way.
+            keys = F.normalize(F.linear(y[:, 1:], last.attn.in_proj_weight[width:2 * width],
+                                        last.attn.in_proj_bias[width:2 * width]), dim=-1)
+            dense = F.normalize(keys @ keys.transpose(1, 2) @ dense, dim=-1)
         return TeacherOutput(cls=cls, dense=dense.transpose(1, 2).reshape(b, -1, h, w))
 
 
@@ -415,7 +423,7 @@ class ConSETeacher(Teacher):
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     if cfg.kind == "clip":
-        return ClipTeacher(cfg.clip_model, cfg.clip_pretrained, cfg.input_size, cfg.clip_config)
+        return ClipTeacher(cfg.clip_model, cfg.clip_pretrained, cfg.input_size, cfg.clip_config, cfg.key_smoothing)
     if cfg.kind == "conse":
         return ConSETeacher(cfg.conse_backbone, cfg.conse_topk, cfg.input_size, cfg.templates, cfg.conse_smoothing)
     raise ValueError(f"unknown teacher.kind '{cfg.kind}'; valid kinds: clip, conse")

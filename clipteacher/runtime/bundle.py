@@ -11,6 +11,7 @@ or step by step, so a new vocabulary never re-runs the image pass:
     bias = bundle.unseen_bias(["cow", "grass", "zebra"])                # C float32: +gamma outside the training vocabulary
     bias += bundle.hubness_bias(text)                                   # C float32: hubness correction (when on)
     labels, logits = bundle.classify(feats, text, bias, out_size=image.shape[:2])  # H x W int64, C x h x w float32
+    labels, _ = bundle.classify(dense[None], text, None, image.shape[:2], graph="cosine")  # the teacher's own labels
     cls, dense = bundle.teacher_tokens(image)                           # D, D x h' x w' (unit; teacher space)
 
 Images are H x W x 3 uint8 RGB. `image_features` resizes to a short side of `size` (default
@@ -23,7 +24,9 @@ the checkpoint's dataset are served from the cached embeddings in bundle.json wh
 are the bundle's, and every newly embedded name is cached until `clear_text_cache()`.
 
 Attributes: folder, meta (bundle.json), provider, precision, vocabulary, gamma, logit_scale,
-embed_dim, eval_size, templates, teacher_kind, teacher_input_size.
+embed_dim, eval_size, templates, teacher_kind, teacher_input_size, method ("clipteacher" | "maskclip_plus":
+a student; "zegclip": ZegCLIP/TagCLIP, CLIP at inference), trusty (TagCLIP), feature_dim (channels of
+image_features: embed_dim for a student; 2 x embed_dim for ZegCLIP, whose features pack [tokens; g]).
 """
 from __future__ import annotations
 
@@ -106,6 +109,10 @@ class Bundle:
         self.templates = tuple(meta["teacher"]["templates"])
         self.teacher_kind = meta["teacher"]["kind"]
         self.teacher_input_size = int(meta["teacher"]["input_size"])
+        model = meta.get("model") or {}  # bundles before the baselines hold a student
+        self.method = model.get("method", "clipteacher")  # clipteacher | maskclip_plus: a student; zegclip: CLIP at inference
+        self.trusty = bool(model.get("trusty", False))  # TagCLIP: the classifier weighs seen vs unseen by its trusty map
+        self.feature_dim = int(model.get("feature_dim", self.embed_dim))  # channels of image_features (2 D for ZegCLIP)
         self.clear_text_cache()
 
         self.provider, self._providers = self._choose_provider(meta["files"][key], providers)
@@ -154,11 +161,16 @@ class Bundle:
         return self._student.run(None, {"image": x})[0]
 
     def classify(self, features: np.ndarray, class_embeddings: np.ndarray, bias: np.ndarray | None = None,
-                 out_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """features 1 x D x h x w, class_embeddings C x D (unit), bias C (default 0) ->
-        (labels out_size H x W int64, logits C x h x w float32). out_size defaults to (h, w) * stride."""
-        if features.ndim != 4 or features.shape[0] != 1 or features.shape[1] != self.embed_dim:
-            raise ValueError(f"features must be 1 x {self.embed_dim} x h x w, got {features.shape}")
+                 out_size: tuple[int, int] | None = None, unseen: np.ndarray | None = None,
+                 graph: str = "classifier") -> tuple[np.ndarray, np.ndarray]:
+        """features 1 x F x h x w (F = feature_dim), class_embeddings C x D (unit), bias C (default 0), unseen C bool
+        (names outside the training vocabulary; only TagCLIP's classifier reads it; default none) ->
+        (labels out_size H x W int64, logits C x h x w float32). out_size defaults to (h, w) * stride.
+        graph="cosine": plain cosine logits of D x h x w features (the teacher's tokens in the Compare view)."""
+        graph = "classifier" if graph == "cosine" and "cosine" not in self.meta["files"] else graph
+        dim = self.feature_dim if graph == "classifier" else self.embed_dim
+        if features.ndim != 4 or features.shape[0] != 1 or features.shape[1] != dim:
+            raise ValueError(f"features must be 1 x {dim} x h x w, got {features.shape}")
         text = np.asarray(class_embeddings, dtype=np.float32)
         if text.ndim != 2 or text.shape[1] != self.embed_dim or len(text) == 0:
             raise ValueError(f"class_embeddings must be C x {self.embed_dim} with C >= 1, got {text.shape}")
@@ -167,9 +179,10 @@ class Bundle:
             raise ValueError(f"bias has {len(bias)} entries for {len(text)} classes")
         if out_size is None:
             out_size = (features.shape[2] * self.stride, features.shape[3] * self.stride)
-        logits, labels = self._session("classifier").run(None, {
+        unseen = np.zeros(len(text), np.float32) if unseen is None else np.asarray(unseen, dtype=np.float32).reshape(-1)
+        logits, labels = self._run(self._session(graph), {
             "features": features.astype(np.float32, copy=False), "class_embeddings": text, "bias": bias,
-            "out_size": np.asarray(out_size[:2], dtype=np.int64)})
+            "unseen": unseen, "out_size": np.asarray(out_size[:2], dtype=np.int64)})
         return labels[0], logits[0]
 
     def label_features(self, features: np.ndarray, names: list[str], out_size: tuple[int, int],
@@ -180,7 +193,7 @@ class Bundle:
         bundle's default) -> (labels out_size H x W int64, logits C x h x w)."""
         text = self.embed_text(names, templates)
         bias = self.unseen_bias(names, gamma) + self.hubness_bias(text, hubness)
-        return self.classify(features, text, bias, out_size)
+        return self.classify(features, text, bias, out_size, unseen=outside_vocabulary(names, self.vocabulary))
 
     def segment(self, image: np.ndarray, names: list[str], gamma: float | None = None,
                 size: int | None = None) -> np.ndarray:

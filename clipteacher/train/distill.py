@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from clipteacher.config import Config
 from clipteacher.train.glm import GlobalLearningModule
 from clipteacher.train.losses import dense_distill_loss, nel_loss, vocab_distill_loss
+from clipteacher.train.maskclip import maskclip_loss, teacher_pseudo_labels
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
 from clipteacher.train.teacher_cache import CacheSet, TeacherCache
@@ -71,11 +72,15 @@ def at_stride(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
 class Distiller(nn.Module):
     """Student + GLM + PLM. forward(...) -> dict of weighted loss terms (their sum is the objective)."""
 
+    needs_teacher = True  # run_steps gives it the teacher's tokens of every batch
+
     def __init__(self, cfg: Config, embed_dim: int, text_seen: torch.Tensor, ignore_index: int = 255,
-                 vocab_mask: torch.Tensor | None = None, text_vocab: torch.Tensor | None = None):
+                 vocab_mask: torch.Tensor | None = None, text_vocab: torch.Tensor | None = None,
+                 text_names: torch.Tensor | None = None):
         """text_seen: C_s x D, the training vocabulary (union over sources); vocab_mask: S x C_s bool, which
         of those classes source s may score (`clipteacher.train.sources.Sources.mask`; default: one source, all);
-        text_vocab: V x D unit embeddings of the vocabulary-distillation names (needed when loss.vocab_weight > 0)."""
+        text_vocab: V x D unit embeddings of the vocabulary-distillation names (needed when loss.vocab_weight > 0);
+        text_names: N x D, method=maskclip_plus's pseudo-label names, the first C_s being text_seen's."""
         super().__init__()
         self.cfg = cfg
         self.ignore_index = ignore_index
@@ -90,6 +95,11 @@ class Distiller(nn.Module):
             raise ValueError("loss.vocab_weight > 0 needs the vocabulary's text embeddings (text_vocab)")
         vocab = torch.zeros(0, embed_dim) if text_vocab is None else text_vocab.clone()
         self.register_buffer("text_vocab", vocab, persistent=False)  # fixed; rebuilt from the teacher at every start
+        self.maskclip = cfg.method == "maskclip_plus" and cfg.maskclip.weight > 0
+        if self.maskclip and text_names is None:
+            raise ValueError("method=maskclip_plus needs the pseudo-label names' text embeddings (text_names)")
+        names = torch.zeros(0, embed_dim) if text_names is None else text_names.clone()
+        self.register_buffer("text_names", names, persistent=False)
         self.amp: torch.dtype | None = None  # autocast dtype of the student's forward (None = float32); set by the engine
 
     def pseudo_labels(self, dense: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
@@ -102,9 +112,10 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor,
                 pseudo: torch.Tensor | None, source: torch.Tensor | None = None,
-                dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                dense: torch.Tensor | None = None, step: int = 0) -> dict[str, torch.Tensor]:
         """images: B x 3 x S x S, labels/valid/pseudo: B x S x S, cls: B x D, source: B (each image's source number;
-        None = all from source 0), dense: B x D x h x w teacher tokens (only read when loss.dense_weight or loss.vocab_weight > 0)."""
+        None = all from source 0), dense: B x D x h x w teacher tokens (read by loss.dense_weight, loss.vocab_weight
+        and method=maskclip_plus), step: the optimisation step (MaskCLIP+ switches to self-training by it)."""
         lc, scale = self.cfg.loss, self.cfg.student.logit_scale
         # One source: no mask, the single-dataset losses exactly. Several: each image scores its own vocabulary.
         mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
@@ -125,6 +136,15 @@ class Distiller(nn.Module):
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if lc.vocab_weight > 0 and dense is not None:
             losses["vocab"] = lc.vocab_weight * vocab_distill_loss(unit, dense, self.text_vocab, lc.vocab_temperature, valid)
+        if self.maskclip and dense is not None:
+            mc = self.cfg.maskclip
+            logits_all = torch.einsum("bdhw,nd->bnhw", unit, self.text_names) * scale
+            if step >= mc.self_train_after * self.cfg.train.iters:  # MaskCLIP+ self-training: its own predictions
+                targets = logits_all.detach().argmax(1)
+            else:
+                targets = teacher_pseudo_labels(dense, self.text_names, mc.temperature, mc.denoise)
+                targets = F.interpolate(targets[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0].long()
+            losses["maskclip"] = mc.weight * maskclip_loss(logits_all, labels, targets, valid, self.ignore_index)
         if self.use_plm and pseudo is not None:
             plm = self.plm(unit, at_stride(pseudo, feats), cls, self.text_seen, scale, mask)
             if lc.ce_weight > 0:

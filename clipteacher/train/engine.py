@@ -28,16 +28,21 @@ from clipteacher.checkpoint import (load_checkpoint, model_record, rng_state, sa
 from clipteacher.config import Config, ConfigError, save_config
 from clipteacher.train.data import EpochSampler, EvalDataset, MixedDataset, MixtureSampler, TrainDataset, to_device
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
+from clipteacher.models.build import build_model
 from clipteacher.train.distill import Distiller, TeacherSource
+from clipteacher.train.zegclip import ZegCLIPLearner
 from clipteacher.train.metrics import ConfusionMatrix, summarize
 from clipteacher.predictor import predict_logits, unseen_bias
+from clipteacher.prompts import outside_vocabulary
 from clipteacher.train.sources import Sources, open_sources
 from clipteacher.train.teacher_cache import CacheSet, TeacherCache
 from clipteacher.models.teachers import build_teacher, imagenet_class_names
 
 # Config fields that define the weights: a checkpoint made with other values cannot be resumed.
-MODEL_KEYS = [("student", "backbone"), ("student", "head_dim"), ("teacher", "kind"), ("teacher", "clip_model"),
-              ("teacher", "conse_backbone"), ("plm", "generator"), ("plm", "decoder_layers"), ("glm", "bank_size")]
+MODEL_KEYS = [(None, "method"), ("student", "backbone"), ("student", "head_dim"), ("teacher", "kind"),
+              ("teacher", "clip_model"), ("teacher", "conse_backbone"), ("plm", "generator"), ("plm", "decoder_layers"),
+              ("glm", "bank_size"), ("zegclip", "prompt_tokens"), ("zegclip", "decoder_dim"),
+              ("zegclip", "decoder_layers"), ("zegclip", "trusty")]
 
 
 def resolve_device(name: str, what: str = "device") -> torch.device:
@@ -95,25 +100,30 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     old = ckpt["config"]
+    defaults = Config()
     for section, key in MODEL_KEYS:
-        mine = getattr(getattr(cfg, section), key)
-        theirs = old.get(section, {}).get(key)
+        mine = getattr(cfg if section is None else getattr(cfg, section), key)
+        # a key the checkpoint predates had its default value then
+        default = getattr(defaults if section is None else getattr(defaults, section), key)
+        theirs = old.get(key, default) if section is None else old.get(section, {}).get(key, default)
         if isinstance(mine, tuple):
             mine = list(mine)
         if theirs != mine:
-            raise ValueError(f"checkpoint {path} was made by another model: {section}.{key}={theirs!r}, "
+            raise ValueError(f"checkpoint {path} was made by another model: {section + '.' if section else ''}{key}={theirs!r}, "
                              f"this config has {mine!r}")
 
 
 @torch.no_grad()
 def image_logits(student, folder: SegmentationFolder, text: torch.Tensor, scale: float, bias: torch.Tensor,
                  size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
-                 limit: int = 0):
+                 limit: int = 0, unseen: torch.Tensor | None = None):
     """The evaluation loop: yields (logits 1 x C x H x W on `device`, label H x W uint8 numpy) per image of this
     rank's shard, the image resized to short side `size` and the logits brought back to the label's size.
 
-    text: C x D; bias: C; device: where the student lives (default CPU); limit > 0: the first `limit` images only."""
+    text: C x D; bias: C; device: where the student lives (default CPU); limit > 0: the first `limit` images only;
+    unseen: C bool, the classes outside the training vocabulary (default: those with a nonzero bias)."""
     device = device or torch.device("cpu")
+    unseen = (bias != 0) if unseen is None else unseen
     was_training = student.training
     student.eval()
     data = EvalDataset(folder, size)
@@ -123,7 +133,7 @@ def image_logits(student, folder: SegmentationFolder, text: torch.Tensor, scale:
             item = data[i]
             label = item["label"]
             yield predict_logits(student, item["image"][None].to(device), text.to(device), scale, bias.to(device),
-                                 tuple(label.shape), window), label.numpy()
+                                 tuple(label.shape), window, unseen=unseen.to(device)), label.numpy()
     finally:
         student.train(was_training)
 
@@ -131,7 +141,7 @@ def image_logits(student, folder: SegmentationFolder, text: torch.Tensor, scale:
 @torch.no_grad()
 def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torch.Tensor, scale: float,
              size: int, window: int = 0, rank: int = 0, world: int = 1, device=None, progress: bool = True,
-             limit: int = 0, absent: str = "mmseg") -> dict:
+             limit: int = 0, absent: str = "mmseg", unseen: torch.Tensor | None = None) -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
     text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
@@ -141,7 +151,7 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
     info = folder.info
     cm = ConfusionMatrix(len(info.classes), info.ignore_index)
     for logits, label in image_logits(student, folder, text, scale, bias, size, window, rank, world, device,
-                                      progress, limit):
+                                      progress, limit, unseen):
         cm.update(logits.argmax(1)[0].cpu().numpy(), label)
     if world > 1:
         matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
@@ -204,9 +214,10 @@ def run_steps(model, source: TeacherSource, batches, optimizer, scheduler, cfg: 
     t0 = time.time()
     for _ in range(steps):
         batch = to_device(next(batches), device, non_blocking=device.type == "cuda")
-        cls, dense = source(batch)
+        cls, dense = source(batch) if core.needs_teacher else (None, None)
         pseudo = core.pseudo_labels(dense, batch["label"], batch["valid"])
-        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo, batch.get("source"), dense)
+        losses = model(batch["image"], batch["label"], batch["valid"], cls, pseudo, batch.get("source"), dense,
+                       step=state["step"])
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {state['step']}: { {k: float(v) for k, v in losses.items()} }")
@@ -246,7 +257,7 @@ class Run:
     text_cache: dict  # class name -> D embedding of every class of every source, saved with checkpoints
     teacher: torch.nn.Module
     source: TeacherSource
-    core: Distiller
+    core: Distiller | ZegCLIPLearner  # what learns: the student with its modules, or ZegCLIP/TagCLIP
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # loss scaling for float16 autocast of the student; disabled otherwise
@@ -317,7 +328,7 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
     text_all = torch.stack([text_cache[c] for c in info.classes])
     text_seen = torch.stack([text_cache[c] for c in vocabulary])
     cache = None
-    if cfg.teacher.mode == "cached":
+    if cfg.teacher.mode == "cached" and cfg.method != "zegclip":  # ZegCLIP runs its own CLIP on every crop
         base = Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else out.parent / "teacher_cache"
         # No two processes write one cache: global rank 0 builds it; then the first process of every
         # other node opens it, building its own copy only when cache_dir is node-local (not fresh there);
@@ -335,7 +346,14 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
     if cfg.loss.vocab_weight > 0:
         text_vocab = teacher.encode_text(distillation_names(cfg, names), cfg.teacher.templates).cpu()
     torch.manual_seed(cfg.train.seed)  # same init whatever the teacher's construction consumed
-    core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab).to(device)
+    if cfg.method == "zegclip":
+        model = build_model(cfg, teacher.embed_dim, visual=teacher.visual)  # one frozen CLIP tower, shared
+        core = ZegCLIPLearner(cfg, model, text_seen, info.ignore_index, sources.mask()).to(device)
+    else:
+        names = vocabulary + ([c for c in info.classes if c not in vocabulary] if cfg.maskclip.names == "dataset" else [])
+        text_names = torch.stack([text_cache[c] for c in names]) if cfg.method == "maskclip_plus" else None
+        core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab,
+                         text_names).to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
     groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)
@@ -395,7 +413,8 @@ def validate(run: Run, log: MetricsLog, verbose: bool) -> dict:
         text = run.text_all if i == 0 else torch.stack([run.text_cache[c] for c in classes])
         m = evaluate(run.core.student, folder, text, unseen_bias(classes, run.vocabulary, cfg.train.gamma),
                      cfg.student.logit_scale, cfg.data.eval_size, rank=run.rank, world=run.world, device=run.device,
-                     progress=verbose, limit=cfg.train.val_limit)
+                     progress=verbose, limit=cfg.train.val_limit,
+                     unseen=torch.tensor(outside_vocabulary(classes, run.vocabulary)))
         prefix = "val/" if i == 0 else f"val/{folder.info.name}/"
         log.write({"step": run.state["step"], **{f"{prefix}{k}": v for k, v in m.items() if k != "per_class"}})
         if run.main and verbose:

@@ -32,7 +32,8 @@ def gamma_confusions(seg: Segmenter, folder, classes: list[str], vocabulary: lis
     text = seg.text_embeddings(classes)
     outside = torch.tensor([c not in vocabulary for c in classes], dtype=torch.float32).view(-1, 1, 1)
     for logits, label in image_logits(seg.student, folder, text, seg.cfg.student.logit_scale,
-                                      torch.zeros(len(classes)), seg.cfg.data.eval_size, progress=False):
+                                      torch.zeros(len(classes)), seg.cfg.data.eval_size, progress=False,
+                                      unseen=outside.flatten() > 0):
         logits, label = logits[0], lut[label]
         counts = []
         for g in gammas:
