@@ -62,8 +62,10 @@ class DeviceProbe:
 
 
 def meta_run(tiny_data, tmp_path, **sections):
-    """A run built on the CPU (text embeddings, teacher cache), then moved to the pretend GPU."""
+    """A run built on the CPU (text embeddings, teacher cache), then moved to the pretend GPU. A `zegclip` or
+    `maskclip` section selects that method."""
     cfg = tiny_config(tiny_data, tmp_path / "run", **sections)
+    cfg.method = "zegclip" if "zegclip" in sections else "maskclip_plus" if "maskclip" in sections else cfg.method
     train_set, val_set, _ = check_inputs(cfg, None, False, True)
     run = build_run(cfg, train_set, val_set, verbose=False)
     run.teacher.to(META)
@@ -157,3 +159,41 @@ def test_cuda_requested_without_a_gpu_is_one_line(tiny_data, tmp_path, capsys):
     assert cli.main(["--config", str(path), "--quiet", "train.device=cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.device=cuda" in err and len(err.splitlines()) == 1
+
+
+def test_zegclip_step_and_evaluation_send_every_tensor_to_the_model_device(tiny_data, tmp_path):
+    """ZegCLIP holds CLIP itself: no teacher pass, the batch and the class embeddings must meet it on its device."""
+    run = meta_run(tiny_data, tmp_path, zegclip={"decoder_dim": 32, "decoder_heads": 4, "prompt_tokens": 3,
+                                                  "trusty": True})
+    assert run.cfg.method == "zegclip"
+    with DeviceProbe(stop=run.core.student.encoder) as probe, pytest.raises(Reached):
+        run_steps(run.core, run.source, iter(make_loader(run)[1]), run.optimizer, run.scheduler, run.cfg, run.state,
+                  1, MetricsLog(tmp_path, False), _NoBar(), run.device, run.scaler)
+    assert probe.checked >= 2  # the learner and the encoder
+    bias = torch.zeros(len(run.text_all))
+    with DeviceProbe(stop=run.core.student.encoder), pytest.raises(Reached):
+        evaluate(run.core.student, run.val_set, run.text_all, bias, 20.0, 48, device=run.device, progress=False)
+
+
+def test_maskclip_plus_pseudo_labels_and_loss_on_the_model_device(tiny_data, tmp_path, monkeypatch):
+    run = meta_run(tiny_data, tmp_path, maskclip={"names": "dataset"},
+                   loss={"glm_weight": 0, "ce_weight": 0, "gen_weight": 0, "focal_weight": 0, "dice_weight": 0})
+    seen = {}
+
+    def labels_stand_in(dense, text, temperature, denoise):
+        seen["teacher"] = {dense.device, text.device}
+        return torch.zeros(dense.shape[0], *dense.shape[2:], dtype=torch.long, device=dense.device)
+
+    def loss_stand_in(logits, labels, pseudo, valid, ignore_index=255):
+        seen["loss"] = {logits.device, labels.device, pseudo.device, valid.device}
+        raise Reached
+
+    # the student's other losses check label values, which meta tensors do not have
+    monkeypatch.setattr(distill, "nel_loss", lambda *a, **k: {})
+    monkeypatch.setattr(distill, "make_pseudo_labels", lambda dense, labels, *a, **k: labels.clone())
+    monkeypatch.setattr(distill, "teacher_pseudo_labels", labels_stand_in)
+    monkeypatch.setattr(distill, "maskclip_loss", loss_stand_in)
+    with DeviceProbe(), pytest.raises(Reached):
+        run_steps(run.core, run.source, iter(make_loader(run)[1]), run.optimizer, run.scheduler, run.cfg, run.state,
+                  1, MetricsLog(tmp_path, False), _NoBar(), run.device, run.scaler)
+    assert seen["teacher"] == {META} and seen["loss"] == {META}

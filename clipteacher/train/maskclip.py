@@ -21,7 +21,8 @@ def teacher_pseudo_labels(dense: torch.Tensor, text: torch.Tensor, temperature: 
     norm = dense.norm(dim=1)
     scores = torch.einsum("bdhw,nd->bnhw", dense.float(), text.float()) / norm.clamp(min=1e-6)[:, None] / temperature
     if denoise > 0:
-        keep = scores.softmax(1).amax(dim=(2, 3)) >= denoise  # B x N
+        prob = scores.softmax(1) * (norm > 1e-6)[:, None]  # padding cells have no say
+        keep = prob.amax(dim=(2, 3)) >= denoise  # B x N
         keep |= ~keep.any(1, keepdim=True)
         scores = scores.masked_fill(~keep[:, :, None, None], float("-inf"))
     labels = scores.argmax(1)
