@@ -80,7 +80,8 @@ def test_long_videos_are_cut_and_bad_ones_explained(service, media, tmp_path, mo
 
 def test_handlers(service, media):
     h = Handlers(service)
-    teacher, student, legend, status = guarded(h.compare)(str(media / "picture.png"), "sky, grass", "", None)
+    teacher, student, legend, status, others = guarded(h.compare)(str(media / "picture.png"), "sky, grass", "", None)
+    assert others == []  # no --compare-bundle
     for path in (teacher, student):
         with Image.open(path) as im:
             assert im.size == (128, 96)
@@ -102,7 +103,7 @@ def test_api_compare_and_video(bundle_dir, media, tmp_path):
     proc = start_app(bundle_dir, port, tmp_path / "app.log")
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        teacher, student, legend, status = client.predict(handle_file(str(media / "picture.png")), "sky, grass", "",
+        teacher, student, legend, status, others = client.predict(handle_file(str(media / "picture.png")), "sky, grass", "",
                                                           None, api_name="/compare")
         with Image.open(teacher) as a, Image.open(student) as b:
             assert a.size == b.size == (128, 96)

@@ -337,3 +337,77 @@ def test_baseline_paper_config_dry_run(name, tmp_path):
     assert {"pAcc", "mIoU(S)", "mIoU(U)", "hIoU"} <= set(metrics)
     ckpt = load_checkpoint(tmp_path / "run" / "dry_run" / "last.pt")
     assert ckpt["step"] == 2 and ckpt["config"]["method"] == cfg.method
+
+
+def test_triton_repository_of_a_tagclip_bundle_matches_its_graphs(zegclip_checkpoints, tmp_path):
+    pytest.importorskip("tritonclient")
+    from clipteacher.export.bundle import export_bundle
+    from clipteacher.export.triton import check_repository, write_repository
+
+    export_bundle(zegclip_checkpoints["tagclip"], tmp_path / "b", log=lambda *_: None)
+    repo = write_repository(tmp_path / "b", tmp_path / "triton", instances="cpu")
+    check_repository(repo)
+    text = (repo / "clipteacher_classifier" / "config.pbtxt").read_text()
+    assert '"unseen"' in text and (repo / "clipteacher_cosine" / "config.pbtxt").is_file()
+
+
+@pytest.fixture(scope="module")
+def tagclip_bundle(zegclip_checkpoints, tmp_path_factory):
+    from clipteacher.export.bundle import export_bundle
+
+    return export_bundle(zegclip_checkpoints["tagclip"], tmp_path_factory.mktemp("tb") / "tagclip_tiny",
+                         log=lambda *_: None)
+
+
+def test_compare_view_runs_the_other_bundles_with_their_pass_times(bundle_dir, tagclip_bundle, tmp_path):
+    from clipteacher.app.service import Service
+    from clipteacher.runtime import Bundle
+
+    other = Bundle(tagclip_bundle, verbose=False)
+    service = Service(Bundle(bundle_dir, verbose=False), others={"TagCLIP (tiny)": Service(other)})
+    image, _ = synthetic_sample(np.random.default_rng(3))
+    cmp = service.compare(image, "sky, grass, cow, zebra")
+    (label, seg, seconds), = cmp.others
+    assert label == "TagCLIP (tiny)" and seconds > 0 and other.model_name == "TagCLIP"
+    assert np.array_equal(seg.labels, other.segment(image, ["sky", "grass", "cow", "zebra"]))
+
+
+def test_app_compare_endpoint_with_a_compare_bundle(bundle_dir, tagclip_bundle, tmp_path):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from helpers import free_port, start_app
+
+    image, _ = synthetic_sample(np.random.default_rng(4))
+    Image.fromarray(image).save(tmp_path / "picture.png")
+    port = free_port()
+    proc = start_app(bundle_dir, port, tmp_path / "app.log", "--compare-bundle", str(tagclip_bundle))
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        *_, status, others = client.predict(handle_file(str(tmp_path / "picture.png")), "sky, grass", "", None,
+                                            api_name="/compare")
+        assert len(others) == 1 and "TagCLIP (tagclip_tiny): image pass" in others[0]["caption"]
+        assert "TagCLIP" in status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+def test_predict_writes_each_compared_bundle_and_its_pass_time(bundle_dir, tagclip_bundle, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from clipteacher.cli import predict
+
+    for i in range(2):
+        Image.fromarray(synthetic_sample(np.random.default_rng(i))[0]).save(tmp_path / f"im{i}.png")
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "im0.png"), str(tmp_path / "im1.png"), "--names", "sky, grass, cow",
+                         "--out", str(out), "--bundle", str(bundle_dir), "--compare-bundle", str(tagclip_bundle)]) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in rows] == ["main", "tagclip_tiny"] and all(r["done"] == 2 for r in rows)
+    assert all(r["image_pass_ms_per_image"] > 0 for r in rows)
+    assert (out / "im0.png").is_file() and (out / "tagclip_tiny" / "im1.png").is_file()
+    assert len((out / "tagclip_tiny" / "summary.jsonl").read_text().splitlines()) == 2

@@ -64,6 +64,7 @@ class Comparison:
     teacher_seconds: float  # the teacher's image pass (when it ran)
     student_seconds: float  # the student's image pass (when it ran)
     cached: bool  # the teacher's pass came from the cache
+    others: list = field(default_factory=list)  # (label, Segmentation, image-pass seconds) per --compare-bundle
 
 
 @dataclass
@@ -115,8 +116,10 @@ class Service:
     """The app's computations on one `clipteacher.runtime.Bundle`. Thread-safe; keeps the model
     outputs of the last CACHE_IMAGES images. `passes` counts image passes per graph."""
 
-    def __init__(self, bundle, cache_images: int = CACHE_IMAGES):
+    def __init__(self, bundle, cache_images: int = CACHE_IMAGES, others: dict | None = None):
+        """others: label -> Service of another bundle (a ZegCLIP/TagCLIP or another student) shown in Compare."""
         self.bundle = bundle
+        self.others = dict(others or {})
         self.cache_images = cache_images
         self.passes: Counter = Counter()
         self._cache: OrderedDict = OrderedDict()
@@ -212,7 +215,11 @@ class Service:
         (_, dense), cached, teacher_pass = self._cached("teacher", image, self.bundle.teacher_tokens)
         labels, _ = self.bundle.classify(dense[None], self._text(student.names, parse_templates(templates_text)),
                                          None, image.shape[:2], graph="cosine")
-        return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached)
+        others = []
+        for label, other in self.others.items():  # each at its own bundle's gamma: its own training vocabulary
+            seg = other.segment(image, names_text, templates_text)
+            others.append((label, seg, other._cached("student", image, other.bundle.image_features)[2]))
+        return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached, others)
 
     def live_frame(self, frame: np.ndarray, names_text: str, templates_text: str | None = None,
                    gamma: float | None = None) -> tuple[np.ndarray, Segmentation]:

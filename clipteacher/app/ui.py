@@ -245,7 +245,14 @@ class Handlers:
                   f"**{1000 * cmp.student_seconds:.0f} ms** ({speed:.1f}x){' (from the cache: times of when they ran)' if cmp.cached else ''} · "
                   f"the two agree on {agree:.0%} of the pixels · teacher: {self.service.bundle.teacher_kind}, "
                   f"no unseen bias; student: γ = {cmp.student.gamma:g} on names outside its training vocabulary")
-        return pictures[0], pictures[1], svc.legend_html(cmp.names, cmp.colors, shares), status
+        others = []
+        for label, seg, seconds in cmp.others:
+            path = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, svc.OVERLAY_OPACITY, cmp.colors),
+                                 folder / f"{stem}_{len(others)}.jpg")
+            caption = f"{label}: image pass {1000 * seconds:.0f} ms, γ = {seg.gamma:g}"
+            others.append((str(path), caption))
+            status += f"  \n{caption}; agrees with the student on {float((seg.labels == cmp.student.labels).mean()):.0%}"
+        return pictures[0], pictures[1], svc.legend_html(cmp.names, cmp.colors, shares), status, others
 
     def live(self, frame, names, templates, gamma, times):
         """One camera frame -> (overlay at the student's input size, status with frames per second, frame times)."""
@@ -386,7 +393,7 @@ def segment_tab(b) -> SimpleNamespace:
     return ui
 
 
-def compare_tab() -> SimpleNamespace:
+def compare_tab(others: bool = False) -> SimpleNamespace:
     ui, ui.run = view("The same image and names segmented by the **teacher alone** (its dense tokens "
                       "against the names, with no training on masks: what the student learned "
                       "from) and by the **student**, with each image pass's time.", "Compare teacher and student")
@@ -395,6 +402,8 @@ def compare_tab() -> SimpleNamespace:
         ui.student = gr.Image(label="Student", type="filepath", interactive=False, elem_id="compare_student")
     ui.legend = gr.HTML(elem_id="compare_legend")
     ui.status = status_line()
+    ui.others = gr.Gallery(label="Other models (clipteacher-app --compare-bundle)", columns=3, height="auto",
+                           elem_id="compare_others", visible=bool(others))
     return ui
 
 
@@ -470,7 +479,7 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
                     with gr.Tab("Segment", id="segment"):
                         seg = segment_tab(b)
                     with gr.Tab("Compare", id="compare"):
-                        cmp = compare_tab()
+                        cmp = compare_tab(bool(service.others))
                     with gr.Tab("Live", id="live"):
                         live = live_tab(b)
                     with gr.Tab("GLM attention", id="attention"):
@@ -487,7 +496,7 @@ def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Block
         seg.run.click(guarded(h.segment), [image, names, templates, gamma],
                       [seg.overlay, seg.legend, seg.shares, seg.mask, seg.status], api_name="segment", **model)
         cmp.run.click(guarded(h.compare), [image, names, templates, gamma],
-                      [cmp.teacher, cmp.student, cmp.legend, cmp.status], api_name="compare", **model)
+                      [cmp.teacher, cmp.student, cmp.legend, cmp.status, cmp.others], api_name="compare", **model)
         # an open camera stream holds its slot until it stops: streams get their own limit, so a few open
         # cameras never block the other tabs' requests
         live.camera.stream(guarded(h.live), [live.camera, names, templates, gamma, live.times],

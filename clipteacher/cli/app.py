@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="onnxruntime threads per request (default: cores / concurrency)")
     parser.add_argument("--max-upload-mb", type=float, default=env("CLIPTEACHER_MAX_UPLOAD_MB", "20"),
                         help="uploads above this size are refused (default 20)")
+    parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
+                        help="another exported bundle (a ZegCLIP/TagCLIP, or another student) that the Compare "
+                             "view also runs, with its image pass's time; repeat for several")
     parser.add_argument("--long-jobs", type=int, default=env("CLIPTEACHER_LONG_JOBS", "1"),
                         help="videos computed at once, in slots of their own (default 1; more wait in the queue)")
     args = parser.parse_args(argv)
@@ -80,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     from clipteacher.app.ui import build_demo, launch
 
     cv2.setNumThreads(threads)
-    service = Service(bundle)
+    others = {}
+    for path in args.compare_bundle:
+        try:
+            other = Bundle(resolve_bundle(path), verbose=False, threads=threads, spin=concurrency == 1)
+        except (StartupError, FileNotFoundError, ValueError, DeviceError) as err:
+            print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
+            return 2
+        others[f"{other.model_name} ({other.folder.name})"] = Service(other)
+    service = Service(bundle, others=others)
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the bundle's)")
     p.add_argument("--gamma", help="unseen bias for names outside the training vocabulary (default: the bundle's)")
     p.add_argument("--bundle", help="exported bundle folder (default: bundles/default, built on first use)")
+    p.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
+                   help="also segment every image with this bundle (a ZegCLIP/TagCLIP, or another student), "
+                        "into DIR/<its folder name>/; the image pass time per model goes to DIR/compare.json. "
+                        "Repeat for several")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="student graph (must be in the bundle)")
     p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")
@@ -79,14 +83,14 @@ def read_names_file(path: str) -> str:
         raise Fatal(f"--names-file {show(path)}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def open_bundle(args):
-    """The bundle (the default bundle is built on first use), with the names embedded once."""
+def open_bundle(args, path: str | None = None, precision: str | None = None):
+    """The bundle (`path`, default --bundle; the default bundle is built on first use), with the names embedded once."""
     from clipteacher.runtime.resolve import StartupError, resolve_bundle
     from clipteacher.runtime import Bundle
 
     try:
-        bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, providers=DEVICES[args.device],
-                        verbose=False)
+        bundle = Bundle(resolve_bundle(path or args.bundle), precision=precision or args.precision,
+                        providers=DEVICES[args.device], verbose=False)
     except (StartupError, FileNotFoundError, ValueError) as err:
         raise Fatal(str(err)) from None
     if args.device == "cuda" and bundle.provider != "CUDAExecutionProvider":
@@ -118,7 +122,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
 
     remove_stale_partials(out)
     todo = [(p, s) for p, s in zip(paths, stems) if not (args.skip_existing and (out / f"{s}.png").is_file())]
-    counts = {"done": 0, "skipped": len(paths) - len(todo), "failed": 0}
+    counts = {"done": 0, "skipped": len(paths) - len(todo), "failed": 0, "pass_seconds": 0.0}
     shared = sum(s != p.stem for p, s in zip(paths, stems))
     if shared:
         tqdm.write(f"note: {shared} inputs share a stem with another; their masks are <stem>-<8 hex>.png "
@@ -150,6 +154,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
             t = time.perf_counter()
             features = student_passes(bundle[0], [item[2] for item in loaded])
             share = (time.perf_counter() - t) / len(loaded)
+            counts["pass_seconds"] += share * len(loaded)
             for (path, stem, image, notes, decoded), feats in zip(loaded, features):
                 try:
                     if isinstance(feats, Exception):
@@ -214,6 +219,40 @@ def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
         raise Fatal(f"--engine ray: {err}") from None
 
 
+def compare(args, paths: list[Path], stems: list[str], out: Path, counts: dict) -> None:
+    """--compare-bundle: the same images through each other bundle into out/<its folder name>/, and
+    out/compare.json with every model's image-pass time per image (the first is --bundle's)."""
+    import json
+
+    from clipteacher.runtime.resolve import StartupError, resolve_bundle
+
+    def row(name, bundle_dir, c):
+        ms = 1000 * c["pass_seconds"] / c["done"] if c["done"] else None
+        return {"model": name, "bundle": str(bundle_dir), "folder": str(out if name == "main" else out / name),
+                "done": c["done"], "failed": c["failed"], "image_pass_ms_per_image": ms}
+
+    rows = [row("main", args.bundle or "default", counts)]
+    for path in args.compare_bundle:
+        try:
+            name = Path(resolve_bundle(path)).name
+        except (StartupError, FileNotFoundError, ValueError) as err:
+            raise Fatal(f"--compare-bundle {path}: {err}") from None
+        if name in {r["model"] for r in rows} or name == "main":
+            raise Fatal(f"--compare-bundle {path}: two bundles named {name}; give them distinct folder names")
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        # fp32 whatever --precision says (a ZegCLIP bundle has no int8 graph); --gamma, when given, applies to all
+        c = run(args, paths, stems, folder, lambda: open_bundle(args, path, "fp32"))
+        rows.append(row(name, path, c))
+        for key in ("done", "skipped", "failed"):
+            counts[key] += c[key]
+    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        ms = r["image_pass_ms_per_image"]
+        print(f"{r['model']}: {r['done']} images, image pass " + (f"{ms:.1f} ms/image" if ms is not None else "n/a"),
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clipteacher.request import UserError, parse_gamma, parse_names, parse_templates
@@ -228,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         args.gamma = parse_gamma(args.gamma)
         if not 1 <= args.batch <= 64:
             raise Fatal(f"--batch must be between 1 and 64, got {args.batch}")
+        if args.compare_bundle and args.engine == "ray":
+            raise Fatal("--compare-bundle runs with --engine local; run --engine ray once per bundle instead")
         if not 1 <= args.actors <= 1024:
             raise Fatal(f"--actors must be between 1 and 1024, got {args.actors}")
         out = Path(args.out)
@@ -250,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = run_ray(args, paths, stems, out)
         else:
             counts = run(args, paths, stems, out, lambda: open_bundle(args))
+            if args.compare_bundle:
+                compare(args, paths, stems, out, counts)
     except Fatal as err:
         print(f"error: {show(err)}", file=sys.stderr)
         return 2

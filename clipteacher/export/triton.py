@@ -12,6 +12,11 @@ One Triton model per graph of the bundle, each the bundle's own ONNX file (onnxr
     clipteacher_text_encoder  input_ids (and attention_mask) B x L int64 -> embeddings B x D (unit rows)
     clipteacher_teacher       image  B x 3 x S x S                      -> cls, dense (the Compare view only)
 
+A ZegCLIP/TagCLIP bundle (bundle.json "model") has the same models: its student is the prompted CLIP
+(features B x 2D x h x w, [tokens; g]), its classifier the decoder, which also takes `unseen` C (1.0 for
+names outside the training vocabulary; TagCLIP's trusty weighting), and `clipteacher_cosine` scores the
+teacher's tokens.
+
 The student and the text encoder batch dynamically (requests of the same image size are stacked); the
 classifier takes a vocabulary of any length, so it is not batched. A client runs the same steps as
 `clipteacher.runtime.Bundle.segment` (written out in the repository's README.md): tokenise the names with
@@ -52,6 +57,8 @@ def model_specs(bundle_dir: Path, precision: str = "fp32") -> list[ModelSpec]:
              ModelSpec(PREFIX + "text_encoder", meta["files"]["text_encoder"], True)]
     if "teacher" in meta["files"]:
         specs.append(ModelSpec(PREFIX + "teacher", meta["files"]["teacher"], True))
+    if "cosine" in meta["files"]:  # ZegCLIP/TagCLIP bundles: the plain cosine classifier for the teacher's tokens
+        specs.append(ModelSpec(PREFIX + "cosine", meta["files"]["cosine"], False))
     return specs
 
 

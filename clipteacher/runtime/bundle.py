@@ -123,6 +123,13 @@ class Bundle:
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._tokenizer = None
 
+    @property
+    def model_name(self) -> str:
+        """What the image pass is, for people: student, MaskCLIP+ student, ZegCLIP or TagCLIP."""
+        if self.method == "zegclip":
+            return "TagCLIP" if self.trusty else "ZegCLIP"
+        return "MaskCLIP+ student" if self.method == "maskclip_plus" else "student"
+
     # ------------------------------------------------------------------ sessions
 
     def _choose_provider(self, student_file: str, providers: list[str] | None) -> tuple[str, list[str]]:
