@@ -11,6 +11,11 @@ Rows (ms per image, median of --runs runs after a warm-up):
   ViT-B/16 dense (MaskCLIP)         clipteacher.models.teachers.ClipTeacher with RANDOM open_clip ViT-B-16 weights at
                                     input 512 (1024 tokens): the training-free teacher path; speed only
   text 20 / 200 names               Bundle.embed_text on names not in the cache (tokenizer + ONNX text encoder)
+  --baselines: ZegCLIP / TagCLIP    bundles of untrained ZegCLIP and TagCLIP (training/configs/zegclip_voc.yaml,
+                                    tagclip_voc.yaml) around RANDOM ViT-B/16 weights, speed only: the image pass
+                                    (prompted CLIP, cached per image like the student's) and the decoder on 20
+                                    names (it runs on every vocabulary change, where the student's classifier is
+                                    one matrix product); with each model's parameters and trainable parameters
 Image rows take the faster of 1 thread and all cores: with other jobs on this CPU, all-core OpenMP
 runs can be 10x slower than one thread, which would distort the ratios either way.
 Variants also get their parity with the fp32 graph on a real image: mean feature cosine and the
@@ -92,6 +97,52 @@ def make_bundle(checkpoint: str | None, work: Path) -> tuple[Path, str]:
     return out, checkpoint
 
 
+def count_params(model) -> tuple[int, int]:
+    """(all parameters, those that train): the student trains everything; ZegCLIP only prompts and decoder."""
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder.visual."))
+    return total, total - frozen
+
+
+def baseline_rows(args, work: Path, image: np.ndarray, names: list[str], params: list) -> list[tuple[str, float, str]]:
+    """ZegCLIP and TagCLIP bundles around a random ViT-B/16 at SIZE: image pass and 20-name decoder rows."""
+    import torch
+
+    from clipteacher.config import load_config
+    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
+    from clipteacher.predictor import Segmenter
+    from clipteacher.runtime import Bundle
+
+    rows = []
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    for label, config in (("ZegCLIP", "zegclip_voc.yaml"), ("TagCLIP", "tagclip_voc.yaml")):
+        cfg = load_config(configs / config, ["teacher.clip_pretrained=random", f"data.eval_size={SIZE}",
+                                             f"teacher.input_size={SIZE}"])
+        classes = ["aeroplane", "bicycle", "bird", "boat", "bottle"]
+        t = time.perf_counter()
+        teacher = write_untrained_checkpoint(cfg, classes, classes[:3], work / f"{label}.pt")
+        export_bundle(work / f"{label}.pt", work / label, teacher=teacher, log=lambda *_: None)
+        print(f"exported {label} (random ViT-B/16) in {time.perf_counter() - t:.0f} s")
+        del teacher
+        params.append((label, count_params(Segmenter.from_checkpoint(work / f"{label}.pt").student)))
+        timings = []
+        for threads in sorted({1, len(os.sched_getaffinity(0))}):
+            b = Bundle(work / label, verify=False, verbose=False, threads=threads)
+            feats = b.image_features(image, size=SIZE)
+            text = b.embed_text(names)
+            bias = b.unseen_bias(names)
+            unseen = bias != 0
+            timings.append((median_ms(lambda: b.image_features(image, size=SIZE), max(3, args.runs // 3)),
+                            median_ms(lambda: b.classify(feats, text, bias, image.shape[:2], unseen), args.runs),
+                            threads))
+        image_ms, _, threads = min(timings)
+        decoder_ms, _, dthreads = min(timings, key=lambda r: r[1])
+        rows.append((f"{label} ONNX image pass (random)", image_ms, f"{(SIZE // 16) ** 2} tokens + "
+                     f"{cfg.zegclip.prompt_tokens} prompts, best at {threads} thread(s)"))
+        rows.append((f"{label} ONNX decoder, 20 names", decoder_ms, f"per vocabulary change; best at {dthreads} thread(s)"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="existing bundle folder")
@@ -99,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                              f"default: {DEFAULT_MODEL} (the bundle's source with --bundle)")
     parser.add_argument("--untrained", action="store_true",
                         help="an untrained MSRC-21 student instead (speed rows only; int8 agreement is not meaningful)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also export and time ZegCLIP and TagCLIP bundles (random ViT-B/16; a few minutes more)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (ViT-B/16: a third of it, >= 3)")
     args = parser.parse_args(argv)
     if args.untrained:
@@ -175,6 +228,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from clipteacher.models.teachers import imagenet_class_names
 
     imagenet = imagenet_class_names()
+    text20, bias20 = base.embed_text(imagenet[:20]), base.unseen_bias(imagenet[:20])
+    rows.append(("student ONNX classifier, 20 names", median_ms(
+        lambda: base.classify(ref_feats, text20, bias20, image.shape[:2]), args.runs), "per vocabulary change"))
+    params = []
+    if Path(checkpoint).exists():
+        params.append(("student", count_params(student)))
+    if args.baselines:
+        rows += baseline_rows(args, work, image, imagenet[:20], params)
     for n in (20, 200):
         def embed():
             base.clear_text_cache()
@@ -182,6 +243,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
         rows.append((f"text {n} names ({base.teacher_kind})", median_ms(embed, max(3, args.runs // 2)),
                      f"{len(base.templates)} template(s)"))
 
+    if params:
+        print("\nparameters (total / trainable in training):")
+        for name, (total, trainable) in params:
+            print(f"  {name:<10} {total / 1e6:8.2f} M / {trainable / 1e6:8.2f} M")
     print(f"\nlatency at {SIZE} x {SIZE}, provider {base.provider}, median ms per image")
     width = max(len(r[0]) for r in rows)
     for name, ms, note in rows:

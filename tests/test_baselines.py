@@ -411,3 +411,16 @@ def test_predict_writes_each_compared_bundle_and_its_pass_time(bundle_dir, tagcl
     assert all(r["image_pass_ms_per_image"] > 0 for r in rows)
     assert (out / "im0.png").is_file() and (out / "tagclip_tiny" / "im1.png").is_file()
     assert len((out / "tagclip_tiny" / "summary.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("row", ["maskclip_plus", "zegclip", "tagclip"])
+def test_runner_rows_of_the_baselines_make_valid_configs(row):
+    """`python -m training.experiments.<benchmark> --rows maskclip_plus,zegclip,tagclip` on either benchmark."""
+    from clipteacher.config import apply_overrides
+    from training.experiments.runner import ROWS
+
+    for config in ("msrc21.yaml", "siftflow.yaml"):
+        cfg = apply_overrides(load_config(ROOT / "training" / "configs" / config), ROWS[row])
+        assert cfg.method == {"maskclip_plus": "maskclip_plus"}.get(row, "zegclip")
+        assert cfg.loss.glm_weight == cfg.loss.ce_weight == cfg.loss.gen_weight == 0
+        assert cfg.zegclip.trusty == (row == "tagclip")

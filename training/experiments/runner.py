@@ -8,7 +8,9 @@ labelled, the upper bound), teacher (the teacher's own training-free dense predi
 plus the unlabelled image pool, beyond the paper), full_online (full with the teacher run on every crop
 instead of the cache), full_dense (full plus dense distillation on unlabelled pixels, beyond the paper), and
 full_long / full_dense_long (full / full_dense on a 6x schedule), full_dense_vocab (full_dense plus vocabulary
-distillation over the ImageNet and dataset names, beyond the paper).
+distillation over the ImageNet and dataset names, beyond the paper); and the seed baselines maskclip_plus
+(the student on the teacher's dense pseudo labels, then self-training; transductive), zegclip and tagclip
+(CLIP at inference with deep prompts and a decoder: `teacher.clip_pretrained=<weights>` on a machine that has them).
 
 gamma is chosen without unseen labels and without the images that are scored (docs/DESIGN.md, unseen
 bias): for every zero-shot row a calibration model is trained with the benchmark's pseudo-unseen classes
@@ -51,6 +53,7 @@ from clipteacher.train.gamma import GAMMAS, choose_gamma, gamma_confusions, swee
 from clipteacher.train.sources import heldout_split
 
 POOL = "{pool}"  # stands for the --pool folder in row overrides
+NO_STUDENT_LOSSES = ["loss.glm_weight=0", "loss.ce_weight=0", "loss.gen_weight=0"]  # GLM and PLM are CLIPTeacher's
 ROWS = {
     "full": [],
     "no_glm": ["loss.glm_weight=0"],
@@ -64,6 +67,13 @@ ROWS = {
     "full_long": ["train.iters=1200"],  # the full row on a 6x schedule (rare SIFT Flow classes need more steps)
     "full_dense_long": ["loss.dense_weight=1", "train.iters=1200"],  # full_dense on the same 6x schedule
     "full_dense_vocab": ["loss.dense_weight=1", "loss.vocab_weight=1"],  # full_dense plus vocabulary distillation
+    # the seed baselines (docs/METHOD.md#baselines). MaskCLIP+ runs with either teacher (transductive: the
+    # unseen names label pixels); ZegCLIP and TagCLIP run CLIP at inference, so they need CLIP weights.
+    "maskclip_plus": ["method=maskclip_plus"] + NO_STUDENT_LOSSES + ["loss.focal_weight=0", "loss.dice_weight=0"],
+    "zegclip": ["method=zegclip", "teacher.kind=clip"] + NO_STUDENT_LOSSES + ["loss.focal_weight=100",
+                "optim.lr=0.0002", "optim.poly_power=0.9", "train.gamma=0"],
+    "tagclip": ["method=zegclip", "teacher.kind=clip", "zegclip.trusty=true", "zegclip.cls_weight=1"]
+               + NO_STUDENT_LOSSES + ["optim.lr=0.0002", "optim.poly_power=0.9", "train.gamma=0"],
 }
 SHIPPED = ("full_dense_long", "full_long", "full_dense", "full")  # benchmark checkpoint: the first row that has run
 METRICS = ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")
