@@ -160,6 +160,23 @@ def test_a_path_list_without_the_ray_engine_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("read it with --engine ray")
 
 
+def test_a_dead_ray_address_is_one_line(bundle_dir, tmp_path):
+    """Ray retries an address where nothing listens for minutes; the command must say so at once instead.
+    (Before the address check this ran into the subprocess timeout.)"""
+    import subprocess
+
+    from helpers import free_port
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    res = subprocess.run([sys.executable, "-m", "clipteacher.cli.predict", str(tmp_path / "a.png"), "--names", "sky",
+                          "--out", str(tmp_path / "out"), "--bundle", str(bundle_dir), "--engine", "ray"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "RAY_ADDRESS" in lines[0] and "nothing answers" in lines[0], res.stderr
+
+
 def test_both_replicas_answer_and_answers_never_mix(serve_url, bundle_dir):
     bundle = Bundle(bundle_dir, verbose=False)
     with ThreadPoolExecutor(32) as pool:

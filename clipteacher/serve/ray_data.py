@@ -14,6 +14,7 @@ cannot be read or decoded costs one error line in the summary and nothing else.
 from __future__ import annotations
 
 import io
+import os
 import json
 import sys
 import time
@@ -26,6 +27,24 @@ LIST_SUFFIXES = (".parquet", ".csv")  # inputs read as lists of paths (clipteach
 
 class RayStartError(RuntimeError):
     """Ray could not be started or joined (one line)."""
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """RAY_ADDRESS as host:port (or ray://host:port) must answer before ray.init is asked to join it: Ray
+    itself retries a dead address for minutes. "auto", "local" and unset are left to Ray."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayStartError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayStartError(f"RAY_ADDRESS={address}: nothing answers there ({err.strerror or err}); "
+                            f"start the cluster (`ray start --head`) or unset RAY_ADDRESS") from None
 
 
 def read_path_list(uri: str) -> list[str]:
@@ -126,6 +145,7 @@ def run(args, paths: list[str], stems: list[str], out: Path, bundle_dir: Path, p
     if not todo:
         return counts
     if not ray.is_initialized():
+        check_address(os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(logging_level="WARNING", log_to_driver=False)  # RAY_ADDRESS (or `auto`) joins a cluster
         except (ConnectionError, RuntimeError, ValueError) as err:
