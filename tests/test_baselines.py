@@ -413,7 +413,7 @@ def test_predict_writes_each_compared_bundle_and_its_pass_time(bundle_dir, tagcl
     assert len((out / "tagclip_tiny" / "summary.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("row", ["maskclip_plus", "zegclip", "tagclip"])
+@pytest.mark.parametrize("row", ["maskclip_plus", "maskclip_plus_guided", "zegclip", "tagclip"])
 def test_runner_rows_of_the_baselines_make_valid_configs(row):
     """`python -m training.experiments.<benchmark> --rows maskclip_plus,zegclip,tagclip` on either benchmark."""
     from clipteacher.config import apply_overrides
@@ -421,6 +421,6 @@ def test_runner_rows_of_the_baselines_make_valid_configs(row):
 
     for config in ("msrc21.yaml", "siftflow.yaml"):
         cfg = apply_overrides(load_config(ROOT / "training" / "configs" / config), ROWS[row])
-        assert cfg.method == {"maskclip_plus": "maskclip_plus"}.get(row, "zegclip")
+        assert cfg.method == ("maskclip_plus" if row.startswith("maskclip") else "zegclip")
         assert cfg.loss.glm_weight == cfg.loss.ce_weight == cfg.loss.gen_weight == 0
         assert cfg.zegclip.trusty == (row == "tagclip")

@@ -369,3 +369,39 @@ def write_folder_dataset(root: str | Path, classes: list[str], unseen: list[str]
             "image_suffix": image_suffix, "label_suffix": ".png", "splits": sorted(samples)}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root
+
+
+def write_synthetic_layout(kind: str, root, n_train: int = 2, n_val: int = 2, h: int = 48, w: int = 64,
+                         seed: int = 0) -> Path:
+    """Synthetic images and labels in the official layout of 'voc' (root = VOCdevkit/VOC2012), 'context'
+    (VOC2010 + SegmentationClassContext) or 'coco_stuff' (mmseg's converted 164k): blocks of random raw ids
+    (background 0 for VOC/Context, every class reachable) and a void border. Returns root. For tests and
+    for dry runs of the paper configs without their datasets (`training/experiments/dry_runs.py`)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    top = {"voc": 20, "context": 59, "coco_stuff": 170}[kind]  # raw 0 is background in VOC/Context, a class in COCO
+
+    def write(path: Path, array: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = [f"{2008 + (split == 'val')}_{i:06d}" if kind != "coco_stuff" else f"{i + 100 * (split == 'val'):012d}"
+               for i in range(n)]
+        for sid in ids:
+            blocks = rng.integers(0, top + 1, (4, 4)).astype(np.uint8)
+            label = np.kron(blocks, np.ones((h // 4, w // 4), np.uint8))
+            label[:, :2] = 255
+            image = np.clip(label[..., None].astype(np.int16) * 3 + rng.integers(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            if kind == "coco_stuff":
+                folder = {"train": "train2017", "val": "val2017"}[split]
+                write(root / "images" / folder / f"{sid}.jpg", image)
+                write(root / "annotations" / folder / f"{sid}_labelTrainIds.png", label)
+            else:
+                write(root / "JPEGImages" / f"{sid}.jpg", image)
+                write(root / ("SegmentationClass" if kind == "voc" else "SegmentationClassContext") / f"{sid}.png", label)
+        if kind != "coco_stuff":
+            sets = root / "ImageSets" / ("Segmentation" if kind == "voc" else "SegmentationContext")
+            sets.mkdir(parents=True, exist_ok=True)
+            (sets / f"{split}.txt").write_text("".join(f"{s}\n" for s in ids))
+    return root
