@@ -1,4 +1,4 @@
-"""Full-size dry runs of paper configs on this CPU, before GPUs are rented (docs/RESULTS.md#baselines).
+"""Full-size dry runs of paper configs on this CPU, before GPUs are rented (docs/RESULTS.md, Baselines).
 
     python -m training.experiments.dry_runs                                 # every baseline config, synthetic data
     python -m training.experiments.dry_runs zegclip_voc tagclip_voc --data /data/VOCdevkit/VOC2012
