@@ -85,11 +85,6 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[s
     return got
 
 
-def feats_like(feats: np.ndarray, h: int, w: int) -> torch.Tensor:
-    """A random 1 x C x h x w input shaped like the image pass's features (C = feats.shape[1])."""
-    return torch.randn(1, feats.shape[1], h, w)
-
-
 def check_teacher(teacher: Teacher, seg: Segmenter, checkpoint: str | Path) -> None:
     """The text tower must be the one that embedded the checkpoint's classes, or cached and new embeddings disagree."""
     if teacher.kind != seg.cfg.teacher.kind:
@@ -306,7 +301,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     cosine_inputs = ["features", "class_embeddings", "bias", "out_size"]
     if zegclip:
         log("export: classifier.onnx (ZegCLIP decoder" + (", TagCLIP trusty map)" if cfg.zegclip.trusty else ")"))
-        export_onnx(ZegCLIPClassifierOnnx(student), (feats_like(feats, 12, 10), text, bias, torch.tensor([0.0, 0.0, 1.0]),
+        export_onnx(ZegCLIPClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, torch.tensor([0.0, 0.0, 1.0]),
                                                      out_size),
                     folder / "classifier.onnx", ["features", "class_embeddings", "bias", "unseen", "out_size"],
                     ["logits", "labels"], {k: v for k, v in axes.items() if k != "features"} | {"features": feature_axes})

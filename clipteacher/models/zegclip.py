@@ -42,18 +42,21 @@ def clip_visual(cfg: TeacherConfig, load_weights: bool) -> nn.Module:
     return open_clip.create_model(cfg.clip_model, pretrained=None).visual
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention written out: q B x M x W, k and v B x N x W -> (B x M x W, logits B x heads x M x N).
+    The traced nn.MultiheadAttention bakes the sequence lengths into its reshapes; these reshapes keep them
+    dynamic, so exported graphs take any image size and any vocabulary."""
+    b, _, width = q.shape
+    q, k, v = (t.reshape(b, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))  # B x heads x L x hd
+    logits = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    return (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, width), logits
+
+
 def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One open_clip ResidualAttentionBlock on B x N x W tokens, with its own weights but written out: the
-    traced nn.MultiheadAttention bakes the token count into its reshapes, and the exported image pass must
-    take any image size."""
+    """One open_clip ResidualAttentionBlock on B x N x W tokens with its own weights, through `attention`."""
     attn = block.attn
-    b, _, width = x.shape
-    heads = attn.num_heads
     q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(b, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))  # B x heads x N x hd
-    weights = (q @ k.transpose(-1, -2) / math.sqrt(width // heads)).softmax(-1)
-    out = (weights @ v).transpose(1, 2).reshape(b, -1, width)
-    x = x + block.ls_1(attn.out_proj(out))
+    x = x + block.ls_1(attn.out_proj(attention(q, k, v, attn.num_heads)[0]))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
@@ -113,7 +116,7 @@ class PromptedEncoder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention on B x N x W, written out for the same reason as `block_forward`."""
+    """Multi-head self-attention on B x N x W (through `attention`)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -122,10 +125,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, width = x.shape
-        q, k, v = (t.reshape(b, -1, self.heads, width // self.heads).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
-        weights = (q @ k.transpose(-1, -2) / math.sqrt(width // self.heads)).softmax(-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(b, -1, width))
+        return self.out(attention(*self.qkv(x).chunk(3, -1), self.heads)[0])
 
 
 class QueryBuilder(nn.Module):
@@ -175,13 +175,7 @@ class MaskLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.norms[0](queries + self.self_attn(queries))
-        b, _, d = x.shape
-        hd = d // self.heads
-        q = self.q(x).reshape(b, -1, self.heads, hd).transpose(1, 2)  # B x heads x C x hd
-        k = self.k(memory).reshape(b, -1, self.heads, hd).transpose(1, 2)  # B x heads x N x hd
-        v = self.v(memory).reshape(b, -1, self.heads, hd).transpose(1, 2)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(hd)  # B x heads x C x N
-        attended = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
+        attended, logits = attention(self.q(x), self.k(memory), self.v(memory), self.heads)  # logits B x heads x C x N
         x = self.norms[1](x + self.out(attended))
         x = self.norms[2](x + self.ffn(x))
         return x, logits.mean(1)

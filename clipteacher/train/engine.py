@@ -350,8 +350,10 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
         model = build_model(cfg, teacher.embed_dim, visual=teacher.visual)  # one frozen CLIP tower, shared
         core = ZegCLIPLearner(cfg, model, text_seen, info.ignore_index, sources.mask()).to(device)
     else:
-        names = vocabulary + ([c for c in info.classes if c not in vocabulary] if cfg.maskclip.names == "dataset" else [])
-        text_names = torch.stack([text_cache[c] for c in names]) if cfg.method == "maskclip_plus" else None
+        text_names = None
+        if cfg.method == "maskclip_plus":
+            names = vocabulary + ([c for c in info.classes if c not in vocabulary] if cfg.maskclip.names == "dataset" else [])
+            text_names = torch.stack([text_cache[c] for c in names])
         core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab,
                          text_names).to(device)
     core.amp = amp if cfg.train.amp_student else None
