@@ -72,6 +72,8 @@ class StudentConfig:
     pretrained: bool = True  # load packaged / timm weights when available, else random init with a warning
     head_dim: int = 128  # width of the all-MLP head
     logit_scale: float = 20.0  # kappa: logits = kappa * cos(feature, text); sets how big gamma is (docs/METHOD.md#unseen-bias)
+    vocab_topk: int = 0  # > 0: the vocabulary head (ConSE from the backbone's ImageNet classifier, top-k names mixed); 0 = off
+    vocab_mix: float = 1.0  # initial weight of the vocabulary head's mixture beside the unit MLP-head feature (learned)
 
 
 @dataclass
@@ -275,6 +277,10 @@ def _check(cfg: "Config") -> None:
         raise ConfigError(f"config key 'maskclip.self_train_after' must be in [0, 1]; got {cfg.maskclip.self_train_after}")
     if cfg.maskclip.temperature <= 0:
         raise ConfigError(f"config key 'maskclip.temperature' must be > 0; got {cfg.maskclip.temperature}")
+    if not 0 <= cfg.student.vocab_topk <= 1000:
+        raise ConfigError(f"config key 'student.vocab_topk' must be in [0, 1000] (0 = off); got {cfg.student.vocab_topk}")
+    if cfg.student.vocab_topk and cfg.method == "zegclip":
+        raise ConfigError("student.vocab_topk is a student head; method=zegclip has no student")
 
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:

@@ -74,9 +74,11 @@ def meta_run(tiny_data, tmp_path, **sections):
     return run
 
 
-@pytest.mark.parametrize("mode", ["online", "cached"])
+@pytest.mark.parametrize("mode", ["online", "cached", "vocab_head"])
 def test_training_step_sends_every_tensor_to_the_model_device(tiny_data, tmp_path, monkeypatch, mode):
-    run = meta_run(tiny_data, tmp_path, teacher={"mode": mode})
+    """vocab_head: the student's vocabulary head (its bank is filled on the CPU, then moved with the model)."""
+    extra = {"student": {"vocab_topk": 4}} if mode == "vocab_head" else {}
+    run = meta_run(tiny_data, tmp_path, teacher={"mode": "online" if mode == "vocab_head" else mode}, **extra)
     got = {}
 
     def pseudo_stand_in(dense, labels, valid, *args, **kwargs):
@@ -88,7 +90,7 @@ def test_training_step_sends_every_tensor_to_the_model_device(tiny_data, tmp_pat
     with DeviceProbe(stop=run.core) as probe, pytest.raises(Reached):
         run_steps(run.core, run.source, iter(make_loader(run)[1]), run.optimizer, run.scheduler, run.cfg, run.state,
                   1, MetricsLog(tmp_path, False), _NoBar(), run.device, run.scaler)
-    assert probe.checked > (10 if mode == "online" else 0)  # online: the teacher's modules were checked too
+    assert probe.checked > (10 if mode != "cached" else 0)  # online: the teacher's modules were checked too
     assert got["pseudo"] == {META}
 
 

@@ -446,13 +446,14 @@ def write_untrained_checkpoint(cfg: Config, classes: list[str], vocabulary: list
                                teacher: Teacher | None = None) -> Teacher:
     """A checkpoint of an untrained student, or of ZegCLIP/TagCLIP around the teacher's CLIP (cfg.method), for
     smoke tests and the latency benchmark. Returns the teacher."""
-    from clipteacher.models.build import build_model
+    from clipteacher.models.build import build_model, fill_vocabulary_bank
 
     torch.manual_seed(cfg.train.seed)
     teacher = teacher or build_teacher(cfg.teacher)
     text = teacher.encode_text(list(classes), cfg.teacher.templates)
     torch.manual_seed(cfg.train.seed)
     student = build_model(cfg, teacher.embed_dim, visual=teacher.visual if cfg.method == "zegclip" else None)
+    fill_vocabulary_bank(student, teacher, cfg.teacher.templates)
     save_checkpoint(model_record(cfg.to_dict(), {f"student.{k}": v for k, v in student.state_dict().items()},
                                  vocabulary, dict(zip(classes, text)), teacher.embed_dim, cfg.train.gamma,
                                  teacher.fingerprint()), path)

@@ -17,3 +17,12 @@ def build_model(cfg: Config, embed_dim: int, visual: nn.Module | None = None) ->
         return ZegCLIP(cfg.zegclip, visual if visual is not None else clip_visual(cfg.teacher, load_weights=False),
                        embed_dim)
     return Student(cfg.student, embed_dim)
+
+
+def fill_vocabulary_bank(model: nn.Module, teacher, templates) -> None:
+    """Give a student with the vocabulary head (`student.vocab_topk`) its bank: the 1000 ImageNet names embedded
+    by `teacher` with `templates`. Anything else is left as it is."""
+    if getattr(model, "vocab", None) is not None:
+        from clipteacher.models.teachers import imagenet_class_names
+
+        model.set_bank(teacher.encode_text(imagenet_class_names(), templates).cpu())

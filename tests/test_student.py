@@ -1,0 +1,122 @@
+"""The student's vocabulary head (`student.vocab_topk`): ConSE from the backbone's own ImageNet classifier."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clipteacher.checkpoint import load_checkpoint
+from clipteacher.config import ConfigError, StudentConfig, from_dict
+from clipteacher.models.student import Student
+from clipteacher.models.teachers import imagenet_class_names
+from clipteacher.train.engine import train
+from helpers import TINY_CLIP, tiny_config
+
+D = 8
+
+
+def vocab_student(topk: int = 3, mix: float = 1.5) -> Student:
+    torch.manual_seed(0)
+    student = Student(StudentConfig(pretrained=False, head_dim=16, vocab_topk=topk, vocab_mix=mix), D).eval()
+    bank = torch.nn.functional.normalize(torch.randn(1000, D), dim=1)
+    student.set_bank(bank)
+    return student
+
+
+def test_with_a_zero_head_the_output_is_the_top_k_mixture_of_the_bank():
+    student = vocab_student(topk=3, mix=1.5)
+    torch.nn.init.zeros_(student.head.embed.weight)
+    torch.nn.init.zeros_(student.head.embed.bias)
+    seen = {}
+    student.vocab.classifier.register_forward_hook(lambda m, i, o: seen.update(logits=o.detach()))
+    x = torch.rand(2, 3, 32, 32)  # stride 32: one location, so the upsampled mixture is constant
+    with torch.no_grad():
+        out = student(x)
+    assert out.shape == (2, D, 8, 8)
+    bank = student.vocab.bank.numpy()
+    for b in range(2):
+        z = seen["logits"][b, 0, 0].numpy().astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        top = np.argsort(-p)[:3]
+        w = p[top] / p[top].sum()
+        mix = (w[:, None] * bank[top]).sum(0)
+        want = 1.5 * mix / np.linalg.norm(mix)
+        got = out[b].numpy().reshape(D, -1)
+        assert np.allclose(got, want[:, None], atol=1e-5)
+
+
+def test_the_head_adds_to_the_mixture_and_gradients_reach_the_classifier():
+    student = vocab_student().train()
+    out = student(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, D, 16, 16)
+    out.square().mean().backward()
+    assert student.vocab.classifier.weight.grad.abs().sum() > 0
+    assert student.vocab.features[0].weight.grad.abs().sum() > 0  # the classifier's conv_head, pretrained too
+    assert student.vocab_mix.grad is not None and student.head.embed.weight.grad.abs().sum() > 0
+    groups = student.param_groups(1.0, 0.1, 0.0)
+    backbone_group = {id(p) for p in groups[0]["params"]}
+    assert id(student.vocab.classifier.weight) in backbone_group and id(student.vocab_mix) not in backbone_group
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+
+
+def test_the_bank_must_be_one_row_per_imagenet_name():
+    with pytest.raises(ValueError, match="bank must be"):
+        vocab_student().set_bank(torch.zeros(10, D))
+
+
+def test_a_backbone_without_an_imagenet_classifier_is_one_line():
+    with pytest.raises(ValueError, match="EfficientNet"):
+        Student(StudentConfig(backbone="resnet18", pretrained=False, vocab_topk=5), D)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"student": {"vocab_topk": -1}}, "vocab_topk"),
+    ({"student": {"vocab_topk": 1001}}, "vocab_topk"),
+    ({"method": "zegclip", "teacher": {"kind": "clip"}, "student": {"vocab_topk": 5}}, "no student"),
+])
+def test_bad_vocab_head_settings_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(values)
+
+
+def test_training_fills_the_bank_from_the_teacher_and_saves_it(tiny_data, tmp_path):
+    from clipteacher.models.teachers import build_teacher
+
+    cfg = tiny_config(tiny_data, tmp_path / "v", train={"iters": 2}, student={"vocab_topk": 4},
+                      loss={"vocab_weight": 1.0})
+    train(cfg, verbose=False)
+    bank = load_checkpoint(tmp_path / "v" / "last.pt")["model"]["student.vocab.bank"].float()
+    assert bank.shape[0] == 1000
+    torch.manual_seed(cfg.train.seed)  # the random tiny CLIP the run built
+    teacher = build_teacher(cfg.teacher)
+    names = imagenet_class_names()
+    # the tiny CLIP's own embeddings of a few ImageNet names, row for row
+    pick = [0, 417, 999]
+    want = teacher.encode_text([names[i] for i in pick], cfg.teacher.templates)
+    assert torch.allclose(bank[pick], want, atol=1e-5)
+
+
+def test_vocab_head_bundle_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    from clipteacher.config import Config
+    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
+    from clipteacher.predictor import Segmenter
+
+    cfg = Config()
+    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
+    cfg.student.pretrained, cfg.student.head_dim, cfg.student.vocab_topk, cfg.data.eval_size = False, 16, 5, 64
+    teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
+    export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
+    student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
+    assert student.vocab is not None and student.vocab.bank.abs().sum() > 0
+    sess = ort.InferenceSession(str(tmp_path / "bundle" / "student.onnx"), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 97, 131)]:  # sizes unlike the export's dummy: dynamic axes all through
+        x = torch.rand(*shape, generator=gen)
+        with torch.no_grad():
+            ref = student(x).numpy()
+        got = sess.run(None, {"image": x.numpy()})[0]
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() < 1e-4
