@@ -74,6 +74,7 @@ class StudentConfig:
     logit_scale: float = 20.0  # kappa: logits = kappa * cos(feature, text); sets how big gamma is (docs/METHOD.md#unseen-bias)
     vocab_topk: int = 0  # > 0: the vocabulary head (ConSE from the backbone's ImageNet classifier, top-k names mixed); 0 = off
     vocab_mix: float = 1.0  # initial weight of the vocabulary head's mixture beside the unit MLP-head feature (learned)
+    vocab_center: bool = False  # subtract the bank's mean embedding: the mixture then adds no common direction to every name's cosine
 
 
 @dataclass
@@ -90,6 +91,7 @@ class LossConfig:
     vocab_weight: float = 0.0  # beyond the paper: KL(teacher || student) over `vocab_names` on every teacher token; 0 = off
     vocab_temperature: float = 0.05  # softmax temperature of both sides of that KL (1 / student.logit_scale by default)
     vocab_file: str = ""  # more names for that KL, one per line; the 1000 ImageNet class names and every dataset class are always in it
+    vocab_head_weight: float = 0.0  # student.vocab_topk: KL(teacher || the vocabulary head's ImageNet softmax) on every teacher token, keeps its classifier naming as the backbone moves; 0 = off
 
 
 @dataclass
@@ -165,6 +167,7 @@ class TrainConfig:
     val_every: int = 100  # validation cadence, steps (0 = only at the end)
     ckpt_every: int = 100  # checkpoint cadence, steps
     init_from: str = ""  # fine-tune: start the learned weights from this checkpoint (fresh optimiser and schedule); not a resume
+    init_skip: tuple = ()  # fine-tune: weights whose names start with one of these keep their own init (e.g. "student.backbone." = packaged ImageNet weights)
     stop_at: int = 0  # stop after this step without finishing the schedule (pre-emption tests); 0 = off
     gamma: float = 1.5  # unseen-class logit bias used at validation and stored as the default
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
@@ -281,6 +284,8 @@ def _check(cfg: "Config") -> None:
         raise ConfigError(f"config key 'student.vocab_topk' must be in [0, 1000] (0 = off); got {cfg.student.vocab_topk}")
     if cfg.student.vocab_topk and cfg.method == "zegclip":
         raise ConfigError("student.vocab_topk is a student head; method=zegclip has no student")
+    if cfg.loss.vocab_head_weight > 0 and not cfg.student.vocab_topk:
+        raise ConfigError("loss.vocab_head_weight trains the vocabulary head: it needs student.vocab_topk > 0")
 
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:

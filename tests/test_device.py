@@ -77,8 +77,10 @@ def meta_run(tiny_data, tmp_path, **sections):
 @pytest.mark.parametrize("mode", ["online", "cached", "vocab_head"])
 def test_training_step_sends_every_tensor_to_the_model_device(tiny_data, tmp_path, monkeypatch, mode):
     """vocab_head: the student's vocabulary head (its bank is filled on the CPU, then moved with the model)."""
-    extra = {"student": {"vocab_topk": 4}} if mode == "vocab_head" else {}
+    extra = {"student": {"vocab_topk": 4}, "loss": {"vocab_head_weight": 1.0}} if mode == "vocab_head" else {}
     run = meta_run(tiny_data, tmp_path, teacher={"mode": "online" if mode == "vocab_head" else mode}, **extra)
+    if mode == "vocab_head":  # the loss's own constants (the 1000 names) must move with the model too
+        assert run.core.text_imagenet.shape[0] == 1000 and run.core.text_imagenet.device == META
     got = {}
 
     def pseudo_stand_in(dense, labels, valid, *args, **kwargs):

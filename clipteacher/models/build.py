@@ -19,10 +19,14 @@ def build_model(cfg: Config, embed_dim: int, visual: nn.Module | None = None) ->
     return Student(cfg.student, embed_dim)
 
 
-def fill_vocabulary_bank(model: nn.Module, teacher, templates) -> None:
+def fill_vocabulary_bank(model: nn.Module, teacher, templates):
     """Give a student with the vocabulary head (`student.vocab_topk`) its bank: the 1000 ImageNet names embedded
-    by `teacher` with `templates`. Anything else is left as it is."""
-    if getattr(model, "vocab", None) is not None:
-        from clipteacher.models.teachers import imagenet_class_names
+    by `teacher` with `templates`. Anything else is left as it is. Returns those 1000 x D embeddings as embedded
+    (before any centring), or None without the head."""
+    if getattr(model, "vocab", None) is None:
+        return None
+    from clipteacher.models.teachers import imagenet_class_names
 
-        model.set_bank(teacher.encode_text(imagenet_class_names(), templates).cpu())
+    text = teacher.encode_text(imagenet_class_names(), templates).cpu()
+    model.set_bank(text)
+    return text

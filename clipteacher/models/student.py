@@ -110,7 +110,14 @@ class VocabularyHead(nn.Module):
         self.register_buffer("bank", torch.zeros(full.num_classes, embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.features(x).permute(0, 2, 3, 1))  # B x h x w x 1000
+        return self.mix(self.classify(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w -> B x h x w x 1000 ImageNet logits."""
+        return self.classifier(self.features(x).permute(0, 2, 3, 1))
+
+    def mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """B x h x w x 1000 logits -> B x D x h x w unit mixtures of the top-k names' bank rows."""
         top, idx = logits.softmax(-1).topk(self.topk, dim=-1)  # B x h x w x k
         mix = ((top / top.sum(-1, keepdim=True)).unsqueeze(-1) * self.bank[idx]).sum(-2)  # B x h x w x D
         return F.normalize(mix, dim=-1).permute(0, 3, 1, 2)
@@ -140,24 +147,33 @@ class Student(nn.Module):
             self.vocab_mix = nn.Parameter(torch.tensor(float(cfg.vocab_mix)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_names(images)[0]
+
+    def forward_with_names(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images B x 3 x H x W -> (features B x D x H/4 x W/4, the vocabulary head's ImageNet logits
+        B x H/32 x W/32 x 1000, or None without the head). Training reads the logits; inference does not."""
         x = (images - self.mean) / self.std
         feats = self.backbone(x)  # one map per stage; a stride-2 stage costs nothing extra to return
         out = self.head([feats[i] for i in self.stages])
         if self.vocab is None:
-            return out
+            return out, None
         # The MLP head adds the detail (and the trained names) to the coarse mixture; normalising it first keeps
         # the two on one scale, so vocab_mix alone sets how much the mixture counts (a zero head: pure ConSE).
-        mix = F.interpolate(self.vocab(feats[self.stages[-1]]), size=out.shape[-2:], mode="bilinear",
-                            align_corners=False)
-        return F.normalize(out, dim=1) + self.vocab_mix * mix
+        logits = self.vocab.classify(feats[self.stages[-1]])
+        mix = F.interpolate(self.vocab.mix(logits), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return F.normalize(out, dim=1) + self.vocab_mix * mix, logits
 
     def set_bank(self, text: torch.Tensor) -> None:
         """text: 1000 x D unit embeddings of the ImageNet class names (`imagenet_class_names`), in the teacher's
-        space: the vocabulary head's mixing bank. A no-op without the vocabulary head."""
+        space: the vocabulary head's mixing bank. A no-op without the vocabulary head.
+
+        With `vocab_center` the bank's mean is taken out first. Text embeddings share a common direction (MiniLM's
+        1000 names: mean pairwise cosine well above 0), so an uncentred mixture raises every name's cosine at
+        once, which the sigmoid NEL reads as a false positive on every negative class."""
         if self.vocab is not None:
             if text.shape != self.vocab.bank.shape:
                 raise ValueError(f"vocabulary bank must be {tuple(self.vocab.bank.shape)}, got {tuple(text.shape)}")
-            self.vocab.bank.copy_(text)
+            self.vocab.bank.copy_(text - text.mean(0, keepdim=True) if self.cfg.vocab_center else text)
 
     def logits(self, images: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                unseen: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from clipteacher.config import Config
 from clipteacher.train.glm import GlobalLearningModule
-from clipteacher.train.losses import dense_distill_loss, nel_loss, vocab_distill_loss
+from clipteacher.train.losses import dense_distill_loss, nel_loss, vocab_distill_loss, vocab_head_loss
 from clipteacher.train.maskclip import maskclip_loss, teacher_pseudo_labels
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
@@ -95,6 +95,8 @@ class Distiller(nn.Module):
             raise ValueError("loss.vocab_weight > 0 needs the vocabulary's text embeddings (text_vocab)")
         vocab = torch.zeros(0, embed_dim) if text_vocab is None else text_vocab.clone()
         self.register_buffer("text_vocab", vocab, persistent=False)  # fixed; rebuilt from the teacher at every start
+        # the 1000 ImageNet names in the vocabulary head's classifier order (loss.vocab_head_weight); set by the engine
+        self.register_buffer("text_imagenet", torch.zeros(0, embed_dim), persistent=False)
         self.maskclip = cfg.method == "maskclip_plus" and cfg.maskclip.weight > 0
         if self.maskclip and text_names is None:
             raise ValueError("method=maskclip_plus needs the pseudo-label names' text embeddings (text_names)")
@@ -120,7 +122,7 @@ class Distiller(nn.Module):
         # One source: no mask, the single-dataset losses exactly. Several: each image scores its own vocabulary.
         mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
         with autocast(images.device, self.amp):
-            feats = self.student(images)
+            feats, names = self.student.forward_with_names(images)
         feats = feats.float()  # the losses run in float32 (a no-op without autocast)
         unit = F.normalize(feats, dim=1)  # once: normalising B x D x H/4 x W/4 is a large share of a CPU step
         losses: dict[str, torch.Tensor] = {}
@@ -136,6 +138,12 @@ class Distiller(nn.Module):
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if lc.vocab_weight > 0 and dense is not None:
             losses["vocab"] = lc.vocab_weight * vocab_distill_loss(unit, dense, self.text_vocab, lc.vocab_temperature, valid)
+        if lc.vocab_head_weight > 0 and dense is not None:
+            if names is None or self.text_imagenet.shape[0] != names.shape[-1]:
+                raise ValueError("loss.vocab_head_weight > 0 needs student.vocab_topk > 0 and the ImageNet names' "
+                                 "embeddings (text_imagenet)")
+            losses["vocab_head"] = lc.vocab_head_weight * vocab_head_loss(names, dense, self.text_imagenet,
+                                                                          lc.vocab_temperature, valid)
         if self.maskclip and dense is not None:
             mc = self.cfg.maskclip
             logits_all = torch.einsum("bdhw,nd->bnhw", unit, self.text_names) * scale

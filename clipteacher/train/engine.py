@@ -94,7 +94,7 @@ def lr_factor(step: int, cfg: Config) -> float:
     if step < oc.warmup_iters:
         return (step + 1) / oc.warmup_iters
     frac = min(1.0, (step - oc.warmup_iters) / max(1, total - oc.warmup_iters))
-    floor = oc.min_lr / oc.lr
+    floor = oc.min_lr / oc.lr if oc.lr > 0 else 0.0  # lr 0 (weights held, e.g. to check an init) is allowed
     return floor + (1 - floor) * (1 - frac) ** oc.poly_power
 
 
@@ -356,7 +356,9 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
             text_names = torch.stack([text_cache[c] for c in names])
         core = Distiller(cfg, teacher.embed_dim, text_seen, info.ignore_index, sources.mask(), text_vocab,
                          text_names)
-        fill_vocabulary_bank(core.student, teacher, cfg.teacher.templates)
+        imagenet = fill_vocabulary_bank(core.student, teacher, cfg.teacher.templates)
+        if imagenet is not None:
+            core.text_imagenet = imagenet  # the vocabulary head's loss scores its classifier against these
         core = core.to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
@@ -383,14 +385,18 @@ def restore(run: Run, ckpt: dict) -> None:
 def initialise(run: Run, path: str) -> None:
     """Fine-tuning start: the learned weights of checkpoint `path` (its student must match this config's),
     float32; the optimiser, schedule and step start fresh. Weights the checkpoint lacks (a PLM generator
-    of an inference copy) keep their initialisation."""
+    of an inference copy; a vocabulary head added to a student trained without one) and weights named by
+    `train.init_skip` keep their initialisation."""
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, run.cfg, Path(path))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    skip = tuple(run.cfg.train.init_skip)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()
+             if not (skip and k.startswith(skip))}
     missing, unexpected = run.core.load_state_dict(state, strict=False)
-    if unexpected or any(k.startswith("student.") for k in missing):
+    fresh = ("student.vocab.", "student.vocab_mix") + skip
+    if unexpected or any(k.startswith("student.") and not k.startswith(fresh) for k in missing):
         raise ValueError(f"train.init_from={path}: its weights do not fit this model "
-                         f"({', '.join((unexpected or [k for k in missing if k.startswith('student.')])[:3])} ...)")
+                         f"({', '.join((unexpected or [k for k in missing if k.startswith('student.') and not k.startswith(fresh)])[:3])} ...)")
 
 
 def save(run: Run, metrics: dict | None = None) -> None:

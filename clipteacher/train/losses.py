@@ -128,3 +128,28 @@ def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, foca
     if dice_weight > 0:
         out["dice"] = dice_weight * dice_loss(logits, targets, weight)
     return out
+
+
+def vocab_head_loss(logits: torch.Tensor, dense: torch.Tensor, text: torch.Tensor, temperature: float,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) between the teacher's softmax over the 1000 ImageNet names (cosine of its dense
+    tokens to their embeddings, / temperature) and the student vocabulary head's own ImageNet softmax (beyond the
+    paper: docs/METHOD.md#vocabulary-head). The head names pixels by that classifier, so this is what keeps it
+    naming them while the segmentation losses move the backbone under it.
+
+    logits: B x h x w x 1000 (the head's classifier, stride 32); dense: B x D x h' x w' teacher tokens (zero on
+    padding); text: 1000 x D unit embeddings in the classifier's order; valid: B x H x W bool (False on padding).
+    Both sides go to the coarser of the two grids, so no cell is scored twice."""
+    grid = tuple(min(a, b) for a, b in zip(logits.shape[1:3], dense.shape[-2:]))
+    student = F.adaptive_avg_pool2d(logits.float().permute(0, 3, 1, 2), grid)  # B x 1000 x g x g
+    dense = F.adaptive_avg_pool2d(dense.float(), grid)
+    norm = dense.norm(dim=1)
+    keep = norm > 1e-6
+    if valid is not None:
+        keep &= F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0] > 0.5
+    if not keep.any():
+        return logits.sum() * 0.0
+    log_ps = F.log_softmax(student.permute(0, 2, 3, 1)[keep], dim=-1)  # N x 1000
+    t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
+    log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
