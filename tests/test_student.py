@@ -187,3 +187,91 @@ def test_training_with_the_vocab_head_loss_logs_it(tiny_data, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     values = [r["vocab_head"] for r in rows if "vocab_head" in r]
     assert values and all(v > 0 for v in values)
+
+
+def gated_student(mix: float = 1.0) -> Student:
+    torch.manual_seed(0)
+    cfg = StudentConfig(pretrained=False, head_dim=16, vocab_topk=3, vocab_mix=mix, vocab_gate=True)
+    student = Student(cfg, D).eval()
+    student.set_bank(torch.nn.functional.normalize(torch.randn(1000, D), dim=1))
+    return student
+
+
+def unit_np(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=0, keepdims=True)
+
+
+def test_the_gate_weighs_the_mixture_per_name():
+    student = gated_student(mix=1.0)
+    with torch.no_grad():
+        out = student(torch.rand(1, 3, 64, 64))
+        assert out.shape == (1, 2 * D, 16, 16)
+        head, mix = unit_np(out[0, :D].numpy().reshape(D, -1)), unit_np(out[0, D:].numpy().reshape(D, -1))
+        text = torch.nn.functional.normalize(torch.randn(3, D), dim=1)
+        # name-blind at the start: mix 1 -> both cosines count half
+        got = student.scores(out, text)[0].numpy().reshape(3, -1)
+        assert np.allclose(got, 0.5 * (text.numpy() @ head) + 0.5 * (text.numpy() @ mix), atol=1e-5)
+        # a gate that reads the name: one name all mixture, one all MLP head
+        student.vocab_gate.weight.copy_(100.0 * text[0] - 100.0 * text[1])
+        student.vocab_gate.bias.zero_()
+        got = student.scores(out, text)[0].numpy().reshape(3, -1)
+    g = 0.5 * (1 + np.tanh(50.0 * text.numpy() @ (text[0] - text[1]).numpy()))  # sigmoid(100 x), overflow-free
+    assert g[0] > 0.99 and g[1] < 0.01
+    want = (1 - g)[:, None] * (text.numpy() @ head) + g[:, None] * (text.numpy() @ mix)
+    assert np.allclose(got, want, atol=1e-5)
+    assert np.allclose(got[0], text.numpy()[0] @ mix, atol=1e-2) and np.allclose(got[1], text.numpy()[1] @ head, atol=1e-2)
+
+
+def test_a_gated_student_trains_the_gate_and_sums_its_halves_for_the_teacher(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "g", train={"iters": 2}, student={"vocab_topk": 4, "vocab_gate": True},
+                      loss={"vocab_weight": 1.0})
+    train(cfg, verbose=False)
+    got = load_checkpoint(tmp_path / "g" / "last.pt")["model"]
+    assert got["student.vocab_gate.weight"].float().abs().max() > 0  # zero at the start: the loss reached it
+    student = gated_student(mix=0.5)
+    out = torch.randn(2, 2 * D, 4, 4)
+    want = unit_t(out[:, :D]) + 0.5 * unit_t(out[:, D:])
+    assert torch.allclose(student.embed(out), want, atol=1e-6)
+
+
+def unit_t(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def test_the_gate_needs_the_vocabulary_head():
+    with pytest.raises(ConfigError, match="vocab_gate"):
+        from_dict({"student": {"vocab_gate": True}})
+
+
+def test_gated_bundle_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    from clipteacher.config import Config
+    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
+    from clipteacher.predictor import Segmenter
+
+    cfg = Config()
+    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
+    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 16, 64
+    cfg.student.vocab_topk, cfg.student.vocab_gate = 5, True
+    teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
+    student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
+    with torch.no_grad():  # a gate that tells names apart, so the test sees per-name weights
+        student.vocab_gate.weight.normal_(0, 3.0)
+    torch.save({**load_checkpoint(tmp_path / "ckpt.pt"),
+                "model": {"student." + k: v for k, v in student.state_dict().items()}}, tmp_path / "ckpt.pt")
+    export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
+    student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
+    image = ort.InferenceSession(str(tmp_path / "bundle" / "student.onnx"), providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(str(tmp_path / "bundle" / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    text = torch.nn.functional.normalize(torch.randn(4, teacher.embed_dim), dim=1)
+    with torch.no_grad():
+        ref = student.logits(x, text, cfg.student.logit_scale, torch.zeros(4)).numpy()
+    feats = image.run(None, {"image": x.numpy()})[0]
+    assert feats.shape[1] == 2 * teacher.embed_dim
+    got = head.run(None, {"features": feats, "class_embeddings": text.numpy(), "bias": np.zeros(4, np.float32),
+                          "out_size": np.array([97, 131], np.int64)})[0]
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
+    gates = torch.sigmoid(student.vocab_gate(text)).detach().numpy()
+    assert gates.max() - gates.min() > 0.1  # the names were weighed differently

@@ -30,8 +30,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from clipteacher.export.modules import (ClassifierOnnx, StudentOnnx, TeacherOnnx, TextEncoderOnnx,
-                                        ZegCLIPClassifierOnnx, ZegCLIPImageOnnx)
+from clipteacher.export.modules import (ClassifierOnnx, GatedClassifierOnnx, StudentOnnx, TeacherOnnx,
+                                        TextEncoderOnnx, ZegCLIPClassifierOnnx, ZegCLIPImageOnnx)
 from clipteacher.runtime.bundle import BUNDLE_FORMAT, HUBNESS_DEFAULT, HUBNESS_STRENGTH
 from clipteacher.io import model_digest, read_image_file, resize_short, sha256_file
 from clipteacher.checkpoint import model_record, save_checkpoint
@@ -310,6 +310,15 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
         export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "cosine.onnx", cosine_inputs,
                     ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
         files["cosine"] = "cosine.onnx"
+    elif student.vocab_gate is not None:
+        log("export: classifier.onnx (gated vocabulary head)")
+        export_onnx(GatedClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, out_size),
+                    folder / "classifier.onnx", cosine_inputs, ["logits", "labels"],
+                    {k: v for k, v in axes.items() if k != "unseen"})
+        log("export: cosine.onnx")  # the Compare view's plain cosine of the teacher's D-channel tokens
+        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "cosine.onnx", cosine_inputs,
+                    ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
+        files["cosine"] = "cosine.onnx"
     else:
         log("export: classifier.onnx")
         export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "classifier.onnx",
@@ -364,6 +373,8 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     mean, origin = seg.feature_mean, seg.feature_mean_reference
     if zegclip:
         origin = "not for ZegCLIP/TagCLIP: the correction is measured on the student's features"
+    elif student.vocab_gate is not None:
+        mean, origin = None, "not for a gated vocabulary head: its names score two features each"
     elif mean is None:
         log("export: hubness reference")
         ref_images, origin = reference_images(cfg)

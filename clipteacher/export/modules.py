@@ -6,6 +6,7 @@ graph is valid for every batch, height, width and class count declared as a dyna
     StudentOnnx     image B x 3 x H x W float [0, 1]     -> features B x D x H/4 x W/4
     ClassifierOnnx  features B x D x h x w, class_embeddings C x D, bias C, out_size 2 (int64 H, W)
                                                         -> logits B x C x h x w, labels B x H x W (int64)
+    GatedClassifierOnnx  the same for a gated vocabulary head's packed features B x 2D x h x w
     TextEncoderOnnx input_ids B x L, attention_mask B x L -> embeddings B x D (unit)
     TeacherOnnx     image B x 3 x S x S float [0, 1]     -> cls B x D, dense B x D x h x w (unit)
 """
@@ -43,17 +44,39 @@ class ClassifierOnnx(nn.Module):
 
     def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
                 out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # class_logits(features, class_embeddings, scale, bias) written for onnxruntime's CPU kernels: MatMuls
-        # instead of an Einsum, and the feature norm divides the C x N logits rather than the D x N features
-        # (its Einsum, ReduceL2 and D x N Div were 3x slower in all).
-        flat = features.flatten(2)  # B x D x N
-        dots = torch.matmul(class_embeddings, flat)  # B x C x N
-        norms = torch.matmul(torch.ones_like(class_embeddings[:1]), flat * flat).sqrt()  # B x 1 x N
-        logits = (dots / norms.clamp_min(1e-12)).unflatten(2, features.shape[2:])
-        logits = logits * self.logit_scale + bias.view(1, -1, 1, 1)
+        logits = cosines(features, class_embeddings) * self.logit_scale + bias.view(1, -1, 1, 1)
         # sizes taken from a tensor input are traced as graph values, not baked-in constants
         up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
         return logits, up.argmax(1)
+
+
+class GatedClassifierOnnx(ClassifierOnnx):
+    """The classifier of a student with `vocab_gate`: packed features B x 2D x h x w ([MLP feature; mixture]),
+    each name weighing the two cosines by its gate (`Student.scores`); same inputs and outputs as ClassifierOnnx."""
+
+    def __init__(self, student: Student):
+        super().__init__(student.cfg.logit_scale)
+        self.gate = student.vocab_gate
+        self.dim = student.embed_dim
+
+    def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
+                out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.sigmoid(self.gate(class_embeddings)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
+        head = cosines(features[:, : self.dim], class_embeddings)
+        mix = cosines(features[:, self.dim :], class_embeddings)
+        logits = (head + g * (mix - head)) * self.logit_scale + bias.view(1, -1, 1, 1)
+        up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
+        return logits, up.argmax(1)
+
+
+def cosines(features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """features B x D x h x w, class_embeddings C x D (unit) -> B x C x h x w cosines, written for onnxruntime's
+    CPU kernels: MatMuls instead of an Einsum, and the feature norm divides the C x N products rather than the
+    D x N features (its Einsum, ReduceL2 and D x N Div were 3x slower in all)."""
+    flat = features.flatten(2)  # B x D x N
+    dots = torch.matmul(class_embeddings, flat)  # B x C x N
+    norms = torch.matmul(torch.ones_like(class_embeddings[:1]), flat * flat).sqrt()  # B x 1 x N
+    return (dots / norms.clamp_min(1e-12)).unflatten(2, features.shape[2:])
 
 
 class TextEncoderOnnx(nn.Module):

@@ -1,10 +1,11 @@
 """The student: any timm backbone plus a light all-MLP head that outputs text-space embeddings.
 
 At inference this is the whole image pass: `Student(images) -> B x D x H/4 x W/4`, and the
-class logits are one matrix product with cached text embeddings (`class_logits`).
+class logits are one matrix product with cached text embeddings (`Student.scores`).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import timm
@@ -126,7 +127,8 @@ class VocabularyHead(nn.Module):
 class Student(nn.Module):
     """Per-pixel embedding network.
 
-    forward: images B x 3 x H x W (RGB in [0, 1]; normalised inside) -> B x D x H/4 x W/4.
+    forward: images B x 3 x H x W (RGB in [0, 1]; normalised inside) -> B x D x H/4 x W/4, or B x 2D x H/4 x W/4
+    with `vocab_gate` ([unit MLP feature; mixture], scored per name by `scores`).
     """
 
     def __init__(self, cfg: StudentConfig, embed_dim: int):
@@ -145,6 +147,13 @@ class Student(nn.Module):
         if cfg.vocab_topk > 0:
             self.vocab = VocabularyHead(cfg.backbone, cfg.pretrained, embed_dim, cfg.vocab_topk)
             self.vocab_mix = nn.Parameter(torch.tensor(float(cfg.vocab_mix)))
+        self.vocab_gate = None
+        if cfg.vocab_gate:
+            # starts name-blind at the convex weight vocab_mix / (1 + vocab_mix); training learns which names
+            # the ImageNet mixture knows (objects) and which it does not (stuff: grass, sky, road)
+            self.vocab_gate = nn.Linear(embed_dim, 1)
+            nn.init.zeros_(self.vocab_gate.weight)
+            nn.init.constant_(self.vocab_gate.bias, math.log(max(float(cfg.vocab_mix), 1e-6)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_with_names(images)[0]
@@ -161,7 +170,29 @@ class Student(nn.Module):
         # the two on one scale, so vocab_mix alone sets how much the mixture counts (a zero head: pure ConSE).
         logits = self.vocab.classify(feats[self.stages[-1]])
         mix = F.interpolate(self.vocab.mix(logits), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        if self.vocab_gate is not None:  # the two kept apart: each name weighs them itself (`scores`)
+            return torch.cat([F.normalize(out, dim=1), mix], dim=1), logits
         return F.normalize(out, dim=1) + self.vocab_mix * mix, logits
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """forward's output B x F x h x w -> B x D x h x w in the teacher's space (what GLM, PLM and dense
+        distillation compare with the teacher). Without the gate F = D and this is the identity; with it the
+        packed halves (MLP feature; mixture) are summed at vocab_mix, as the name-blind head does."""
+        if self.vocab_gate is None:
+            return features
+        d = self.embed_dim
+        return F.normalize(features[:, :d], dim=1) + self.vocab_mix * F.normalize(features[:, d:], dim=1)
+
+    def scores(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """forward's output B x F x h x w, text C x D (unit) -> B x C x h x w cosines to each name; with the gate,
+        per name c: (1 - g_c) cos(MLP feature, t_c) + g_c cos(mixture, t_c), g_c = sigmoid(gate(t_c))."""
+        if self.vocab_gate is None:
+            return torch.einsum("bdhw,cd->bchw", F.normalize(features, dim=1), text)
+        d = self.embed_dim
+        g = torch.sigmoid(self.vocab_gate(text)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
+        head = torch.einsum("bdhw,cd->bchw", F.normalize(features[:, :d], dim=1), text)
+        mix = torch.einsum("bdhw,cd->bchw", F.normalize(features[:, d:], dim=1), text)
+        return head + g * (mix - head)
 
     def set_bank(self, text: torch.Tensor) -> None:
         """text: 1000 x D unit embeddings of the ImageNet class names (`imagenet_class_names`), in the teacher's
@@ -177,9 +208,10 @@ class Student(nn.Module):
 
     def logits(self, images: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                unseen: torch.Tensor | None = None) -> torch.Tensor:
-        """images B x 3 x H x W, text C x D, bias C -> B x C x H/4 x W/4 (`class_logits`; unseen is not needed here:
+        """images B x 3 x H x W, text C x D, bias C -> B x C x H/4 x W/4 (`scores` x scale + bias; unseen is not needed here:
         the bias already carries gamma; the argument keeps one signature with `clipteacher.models.zegclip.ZegCLIP`)."""
-        return class_logits(self(images), text, scale, bias)
+        logits = self.scores(self(images), text) * scale
+        return logits if bias is None else logits + bias.view(1, -1, 1, 1)
 
     def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
         pretrained = list(self.backbone.parameters())  # the vocabulary head's classifier is pretrained too
@@ -187,20 +219,9 @@ class Student(nn.Module):
         if self.vocab is not None:
             pretrained += list(self.vocab.parameters())
             head.append(self.vocab_mix)
+        if self.vocab_gate is not None:
+            head += list(self.vocab_gate.parameters())
         return [
             {"params": pretrained, "lr": lr * backbone_mult, "weight_decay": weight_decay},
             {"params": head, "lr": lr, "weight_decay": weight_decay},
         ]
-
-
-def class_logits(features: torch.Tensor, text: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Cosine logits against text embeddings, times the logit scale kappa.
-
-    features: B x D x H x W (unnormalised), text: C x D (unit), bias: C (added per class,
-    the unseen gamma). Returns B x C x H x W.
-    """
-    feats = F.normalize(features, dim=1)
-    logits = torch.einsum("bdhw,cd->bchw", feats, text) * scale
-    if bias is not None:
-        logits = logits + bias.view(1, -1, 1, 1)
-    return logits

@@ -123,13 +123,14 @@ class Distiller(nn.Module):
         mask = None if self.vocab_mask.shape[0] == 1 else self.vocab_mask[source]
         with autocast(images.device, self.amp):
             feats, names = self.student.forward_with_names(images)
-        feats = feats.float()  # the losses run in float32 (a no-op without autocast)
+        packed = feats.float()  # the losses run in float32 (a no-op without autocast)
+        feats = self.student.embed(packed)  # B x D x h x w (packed is B x 2D with student.vocab_gate)
         unit = F.normalize(feats, dim=1)  # once: normalising B x D x H/4 x W/4 is a large share of a CPU step
         losses: dict[str, torch.Tensor] = {}
         # Losses work at the feature resolution (stride 4) with nearest-sampled labels: 16x cheaper
         # than upsampling logits to the crop, which matters on a CPU.
         labels, valid = at_stride(labels, feats), at_stride(valid, feats)
-        logits = torch.einsum("bdhw,cd->bchw", unit, self.text_seen) * scale
+        logits = self.student.scores(packed, self.text_seen) * scale
         losses.update(nel_loss(logits, labels, self.ignore_index, lc.focal_weight, lc.dice_weight, lc.focal_alpha,
                                lc.focal_gamma, lc.ignore_as_negative, valid, mask))
         if lc.glm_weight > 0:
@@ -137,7 +138,10 @@ class Distiller(nn.Module):
         if lc.dense_weight > 0 and dense is not None:
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if lc.vocab_weight > 0 and dense is not None:
-            losses["vocab"] = lc.vocab_weight * vocab_distill_loss(unit, dense, self.text_vocab, lc.vocab_temperature, valid)
+            # unit vectors are pooled (each half of a gated student's packed feature is one already)
+            pooled_in = unit if self.student.vocab_gate is None else packed
+            losses["vocab"] = lc.vocab_weight * vocab_distill_loss(pooled_in, dense, self.text_vocab, lc.vocab_temperature,
+                                                                  valid, self.student.scores)
         if lc.vocab_head_weight > 0 and dense is not None:
             if names is None or self.text_imagenet.shape[0] != names.shape[-1]:
                 raise ValueError("loss.vocab_head_weight > 0 needs student.vocab_topk > 0 and the ImageNet names' "

@@ -393,7 +393,7 @@ def initialise(run: Run, path: str) -> None:
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()
              if not (skip and k.startswith(skip))}
     missing, unexpected = run.core.load_state_dict(state, strict=False)
-    fresh = ("student.vocab.", "student.vocab_mix") + skip
+    fresh = ("student.vocab.", "student.vocab_mix", "student.vocab_gate.") + skip
     if unexpected or any(k.startswith("student.") and not k.startswith(fresh) for k in missing):
         raise ValueError(f"train.init_from={path}: its weights do not fit this model "
                          f"({', '.join((unexpected or [k for k in missing if k.startswith('student.') and not k.startswith(fresh)])[:3])} ...)")

@@ -79,29 +79,34 @@ def dense_distill_loss(unit: torch.Tensor, dense: torch.Tensor, labels: torch.Te
     return (1 - cos)[keep].mean()
 
 
-def vocab_distill_loss(unit: torch.Tensor, dense: torch.Tensor, text: torch.Tensor, temperature: float,
-                       valid: torch.Tensor | None = None) -> torch.Tensor:
+def vocab_distill_loss(feats: torch.Tensor, dense: torch.Tensor, text: torch.Tensor, temperature: float,
+                       valid: torch.Tensor | None = None, scores=None) -> torch.Tensor:
     """KL(teacher || student) of softmaxes over a large fixed vocabulary, per teacher token (beyond the paper:
     docs/METHOD.md#vocabulary-distillation).
 
-    unit: B x D x h x w unit student features; dense: B x D x h' x w' teacher tokens aligned with the crop (zero
+    feats: B x F x h x w student features; dense: B x D x h' x w' teacher tokens aligned with the crop (zero
     where the teacher saw only padding); text: V x D unit name embeddings; valid: B x h x w bool at the features'
-    resolution (False on padding). The student is average-pooled to the teacher's grid: the teacher says nothing
-    finer, and V is large (a thousand names), so scoring every stride-4 cell would cost 20x more for no new target.
-    Labelled and unlabelled cells alike: every name's score is constrained everywhere, not only the trained ones.
+    resolution (False on padding); scores: (B x F x h x w, V x D) -> B x V x h x w cosines (default: plain
+    cosine, F = D; `Student.scores` for a gated student). The student is average-pooled to the teacher's grid:
+    the teacher says nothing finer, and V is large (a thousand names), so scoring every stride-4 cell would cost
+    20x more for no new target. Labelled and unlabelled cells alike: every name's score is constrained
+    everywhere, not only the trained ones.
     """
     grid = dense.shape[-2:]
-    student = F.normalize(F.adaptive_avg_pool2d(unit, grid), dim=1)
+    pooled = F.adaptive_avg_pool2d(feats, grid)
     dense = dense.float()
     norm = dense.norm(dim=1)
     keep = norm > 1e-6
     if valid is not None:
         keep &= F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0] > 0.5
     if not keep.any():
-        return unit.sum() * 0.0
-    s = student.permute(0, 2, 3, 1)[keep]  # N x D
+        return feats.sum() * 0.0
+    if scores is None:
+        s = F.normalize(pooled, dim=1).permute(0, 2, 3, 1)[keep] @ text.T  # N x V
+    else:
+        s = scores(pooled, text).permute(0, 2, 3, 1)[keep]
     t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
-    log_ps = F.log_softmax(s @ text.T / temperature, dim=-1)
+    log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
 
