@@ -275,3 +275,32 @@ def test_gated_bundle_matches_pytorch(tmp_path):
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3
     gates = torch.sigmoid(student.vocab_gate(text)).detach().numpy()
     assert gates.max() - gates.min() > 0.1  # the names were weighed differently
+
+
+def test_the_probe_scores_a_gated_bundle_and_its_teacher(tmp_path):
+    """The probe ran the teacher's D-dim tokens through the student's classifier, which a gated head widens to 2D."""
+    import json
+
+    from PIL import Image
+
+    from clipteacher.config import Config
+    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
+    from clipteacher.runtime import Bundle
+    from training.experiments.probe import run_probe
+
+    cfg = Config()
+    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
+    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 16, 64
+    cfg.student.vocab_topk, cfg.student.vocab_gate = 5, True
+    teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
+    export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
+    pool = tmp_path / "pool"
+    (pool / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = {f"{i}.png": n for i, n in enumerate(["cow", "sheep", "horse", "goat", "dog", "cat"])}
+    for file in names:
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(pool / "images" / file)
+    (pool / "images.json").write_text(json.dumps({"images": {f: {"name": n} for f, n in names.items()}}))
+    out = run_probe(Bundle(tmp_path / "bundle", verbose=False), pool, ks=(2,), hubness=False)
+    assert out["student"]["images"] == out["teacher"]["images"] == len(names)
+    assert 0 <= out["teacher"]["top1@2"] <= 100

@@ -74,11 +74,11 @@ def run_probe(bundle: Bundle, pool: Path = POOL, ks: tuple[int, ...] = KS, seed:
         for k in ks:
             chosen, own = probe_names(names, file, k, seed, vocabulary)
             text = bundle.embed_text(chosen)
-            runs = {"student": (features, bundle.unseen_bias(chosen) + bundle.hubness_bias(text, hubness))}
-            if teacher:
-                runs["teacher"] = (dense, None)
-            for row, (feats, bias) in runs.items():
-                labels, _ = bundle.classify(feats, text, bias, image.shape[:2])
+            runs = {"student": (features, bundle.unseen_bias(chosen) + bundle.hubness_bias(text, hubness), "classifier")}
+            if teacher:  # the teacher's tokens are D-dim cosines, whatever the student's classifier reads
+                runs["teacher"] = (dense, None, "cosine")
+            for row, (feats, bias, graph) in runs.items():
+                labels, _ = bundle.classify(feats, text, bias, image.shape[:2], graph=graph)
                 best, pixels = winner(labels, len(chosen))
                 rows[row]["correct"][k] += best == own
                 if k == hub_k:
