@@ -156,6 +156,7 @@ class OptimConfig:
     warmup_iters: int = 50  # linear warm-up steps
     poly_power: float = 1.0  # poly decay exponent
     min_lr: float = 1e-6  # floor of the poly schedule
+    gate_lr_mult: float = 30.0  # student.vocab_gate learns at lr * this: at the head's lr its one linear map barely moves in a fine-tune
 
 
 @dataclass

@@ -304,3 +304,11 @@ def test_the_probe_scores_a_gated_bundle_and_its_teacher(tmp_path):
     out = run_probe(Bundle(tmp_path / "bundle", verbose=False), pool, ks=(2,), hubness=False)
     assert out["student"]["images"] == out["teacher"]["images"] == len(names)
     assert 0 <= out["teacher"]["top1@2"] <= 100
+
+
+def test_the_gate_learns_at_its_own_rate_without_decay():
+    student = gated_student()
+    groups = student.param_groups(1e-3, 0.1, 0.01, gate_mult=30.0)
+    gate = [g for g in groups if any(p is student.vocab_gate.weight for p in g["params"])]
+    assert len(gate) == 1 and gate[0]["lr"] == pytest.approx(3e-2) and gate[0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))

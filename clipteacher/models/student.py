@@ -213,15 +213,16 @@ class Student(nn.Module):
         logits = self.scores(self(images), text) * scale
         return logits if bias is None else logits + bias.view(1, -1, 1, 1)
 
-    def param_groups(self, lr: float, backbone_mult: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, backbone_mult: float, weight_decay: float, gate_mult: float = 1.0) -> list[dict]:
         pretrained = list(self.backbone.parameters())  # the vocabulary head's classifier is pretrained too
         head = list(self.head.parameters())
         if self.vocab is not None:
             pretrained += list(self.vocab.parameters())
             head.append(self.vocab_mix)
-        if self.vocab_gate is not None:
-            head += list(self.vocab_gate.parameters())
-        return [
+        groups = [
             {"params": pretrained, "lr": lr * backbone_mult, "weight_decay": weight_decay},
             {"params": head, "lr": lr, "weight_decay": weight_decay},
         ]
+        if self.vocab_gate is not None:  # no decay: a gate pulled to 0 is a name-blind gate
+            groups.append({"params": list(self.vocab_gate.parameters()), "lr": lr * gate_mult, "weight_decay": 0.0})
+        return groups
