@@ -147,3 +147,23 @@ def test_default_model_ships_fp16_card_results_and_scores_every_previous_model(t
     results = (docs / "RESULTS.md").read_text()
     assert all(f"| previous (`{p}`) | tiny |" in results for p in older)  # each replaced model scored
     assert (docs / "default_unseen_names.png").is_file() and default_model.UNSEEN_NAMES[0][0] in results
+
+
+def test_default_model_sets_the_vocabulary_mix_it_was_told(tmp_path, monkeypatch, capsys):
+    from clipteacher.train.engine import train
+    from training.experiments import default_model
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2)
+    monkeypatch.setattr(default_model, "DATASETS", {"tiny": str(data)})
+    monkeypatch.setattr(default_model, "POOL", tmp_path / "no_pool")
+    plain = tiny_config(data, tmp_path / "plain", train={"iters": 1})
+    train(plain, verbose=False)
+    args = ["--assets", str(tmp_path / "assets"), "--docs", str(tmp_path / "docs"), "--vocab-mix", "0.25"]
+    with pytest.raises(SystemExit, match="no vocabulary head"):
+        default_model.main(["--checkpoint", str(tmp_path / "plain" / "last.pt")] + args)
+    head = tiny_config(data, tmp_path / "head", train={"iters": 1}, student={"vocab_topk": 4})
+    train(head, verbose=False)
+    default_model.main(["--checkpoint", str(tmp_path / "head" / "last.pt")] + args)
+    shipped = load_checkpoint(tmp_path / "assets" / "default")["model"]["student.vocab_mix"]
+    assert float(shipped) == 0.25 and float(load_checkpoint(tmp_path / "head" / "last.pt")["model"]["student.vocab_mix"]) != 0.25
+    assert "--vocab-mix 0.25" in (tmp_path / "docs" / "RESULTS.md").read_text()

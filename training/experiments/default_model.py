@@ -177,15 +177,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--previous", action="append", default=[],
                         help="a model it replaces, scored beside it (e.g. from git history); repeatable")
     parser.add_argument("--gamma", type=float, default=0.0, help="unseen bias stored in the model")
+    parser.add_argument("--vocab-mix", type=float,
+                        help="set the vocabulary head's mixture weight (student.vocab_mix) before shipping, e.g. one "
+                             "chosen on val and the probe; default: the trained value")
     parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
     parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
-                       + [f"--previous {p}" for p in args.previous])
+                       + [f"--previous {p}" for p in args.previous]
+                       + ([f"--vocab-mix {args.vocab_mix:g}"] if args.vocab_mix is not None else []))
     dst = Path(args.assets) / "default"
     ckpt = inference_copy(load_checkpoint(args.checkpoint), args.gamma, half=True)
+    if args.vocab_mix is not None:
+        if "student.vocab_mix" not in ckpt["model"]:
+            raise SystemExit(f"error: --vocab-mix: {args.checkpoint} has no vocabulary head (student.vocab_topk)")
+        ckpt["model"]["student.vocab_mix"] = torch.tensor(args.vocab_mix, dtype=ckpt["model"]["student.vocab_mix"].dtype)
     seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
     add_reference(ckpt, seg)
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
