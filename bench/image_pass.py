@@ -11,14 +11,17 @@ most 10%).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import SIZE, test_image  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench_latency", Path(__file__).resolve().parent / "latency.py")
+latency = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(latency)
+SIZE, test_image = latency.SIZE, latency.test_image
 
 NAMES = ["person", "dog", "cat", "car", "bicycle", "bus", "chair", "sofa", "table", "bottle",
          "pizza", "banana", "horse", "sheep", "cow", "bird", "boat", "tree", "grass", "sky"]

@@ -362,8 +362,8 @@ def build_run(cfg: Config, train_set: SegmentationFolder, val_set: SegmentationF
         core = core.to(device)
     core.amp = amp if cfg.train.amp_student else None
     scaler = torch.amp.GradScaler(device.type, enabled=core.amp == torch.float16)
-    groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay,
-                                     cfg.optim.gate_lr_mult)
+    gate = {"gate_mult": cfg.optim.gate_lr_mult} if getattr(core.student, "vocab_gate", None) is not None else {}
+    groups = core.student.param_groups(cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.weight_decay, **gate)
     if core.plm is not None and any(True for _ in core.plm.parameters()):
         groups.append({"params": list(core.plm.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
