@@ -243,9 +243,9 @@ def test_the_gate_needs_the_vocabulary_head():
         from_dict({"student": {"vocab_gate": True}})
 
 
-def test_gated_bundle_matches_pytorch(tmp_path):
-    import onnxruntime as ort
-
+def gated_bundle(tmp_path, gate_std: float = 0.0):
+    """An untrained gated student (tiny CLIP teacher) at tmp_path/ckpt.pt, exported to tmp_path/bundle; gate_std > 0
+    draws a gate that tells names apart. Returns (config, teacher)."""
     from clipteacher.config import Config
     from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
     from clipteacher.predictor import Segmenter
@@ -255,12 +255,22 @@ def test_gated_bundle_matches_pytorch(tmp_path):
     cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 16, 64
     cfg.student.vocab_topk, cfg.student.vocab_gate = 5, True
     teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
-    student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
-    with torch.no_grad():  # a gate that tells names apart, so the test sees per-name weights
-        student.vocab_gate.weight.normal_(0, 3.0)
-    torch.save({**load_checkpoint(tmp_path / "ckpt.pt"),
-                "model": {"student." + k: v for k, v in student.state_dict().items()}}, tmp_path / "ckpt.pt")
+    if gate_std > 0:
+        student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
+        with torch.no_grad():
+            student.vocab_gate.weight.normal_(0, gate_std)
+        torch.save({**load_checkpoint(tmp_path / "ckpt.pt"),
+                    "model": {"student." + k: v for k, v in student.state_dict().items()}}, tmp_path / "ckpt.pt")
     export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
+    return cfg, teacher
+
+
+def test_gated_bundle_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    from clipteacher.predictor import Segmenter
+
+    cfg, teacher = gated_bundle(tmp_path, gate_std=3.0)  # a gate that tells names apart: per-name weights seen
     student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
     image = ort.InferenceSession(str(tmp_path / "bundle" / "student.onnx"), providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(str(tmp_path / "bundle" / "classifier.onnx"), providers=["CPUExecutionProvider"])
@@ -283,17 +293,10 @@ def test_the_probe_scores_a_gated_bundle_and_its_teacher(tmp_path):
 
     from PIL import Image
 
-    from clipteacher.config import Config
-    from clipteacher.export.bundle import export_bundle, write_untrained_checkpoint
     from clipteacher.runtime import Bundle
     from training.experiments.probe import run_probe
 
-    cfg = Config()
-    cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
-    cfg.student.pretrained, cfg.student.head_dim, cfg.data.eval_size = False, 16, 64
-    cfg.student.vocab_topk, cfg.student.vocab_gate = 5, True
-    teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
-    export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
+    gated_bundle(tmp_path)
     pool = tmp_path / "pool"
     (pool / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -299,30 +299,24 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     bias, out_size = torch.tensor([0.0, 0.0, 1.5]), torch.tensor([48, 40])
     cosine = ClassifierOnnx(cfg.student.logit_scale)
     cosine_inputs = ["features", "class_embeddings", "bias", "out_size"]
+    cosine_axes = {k: v for k, v in axes.items() if k != "unseen"}
+    plain = not zegclip and student.vocab_gate is None  # the student's classifier is the plain cosine
     if zegclip:
         log("export: classifier.onnx (ZegCLIP decoder" + (", TagCLIP trusty map)" if cfg.zegclip.trusty else ")"))
         export_onnx(ZegCLIPClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, torch.tensor([0.0, 0.0, 1.0]),
                                                      out_size),
                     folder / "classifier.onnx", ["features", "class_embeddings", "bias", "unseen", "out_size"],
                     ["logits", "labels"], {k: v for k, v in axes.items() if k != "features"} | {"features": feature_axes})
-        # the Compare view scores the teacher's dense tokens by plain cosine, as the student bundle's classifier does
-        log("export: cosine.onnx")
-        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "cosine.onnx", cosine_inputs,
-                    ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
-        files["cosine"] = "cosine.onnx"
-    elif student.vocab_gate is not None:
+    elif not plain:
         log("export: classifier.onnx (gated vocabulary head)")
         export_onnx(GatedClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, out_size),
-                    folder / "classifier.onnx", cosine_inputs, ["logits", "labels"],
-                    {k: v for k, v in axes.items() if k != "unseen"})
-        log("export: cosine.onnx")  # the Compare view's plain cosine of the teacher's D-channel tokens
-        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "cosine.onnx", cosine_inputs,
-                    ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
+                    folder / "classifier.onnx", cosine_inputs, ["logits", "labels"], cosine_axes)
+    log("export: " + ("classifier.onnx" if plain else "cosine.onnx"))
+    # otherwise the Compare view's plain cosine of the teacher's D-channel dense tokens, which this classifier is not
+    export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size),
+                folder / ("classifier.onnx" if plain else "cosine.onnx"), cosine_inputs, ["logits", "labels"], cosine_axes)
+    if not plain:
         files["cosine"] = "cosine.onnx"
-    else:
-        log("export: classifier.onnx")
-        export_onnx(cosine, (torch.randn(1, dim, 12, 10), text, bias, out_size), folder / "classifier.onnx",
-                    cosine_inputs, ["logits", "labels"], {k: v for k, v in axes.items() if k != "unseen"})
     files["classifier"] = "classifier.onnx"
 
     log("export: text_encoder.onnx")

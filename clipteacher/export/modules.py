@@ -42,9 +42,12 @@ class ClassifierOnnx(nn.Module):
         super().__init__()
         self.logit_scale = float(logit_scale)
 
+    def scores(self, features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        return cosines(features, class_embeddings)
+
     def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
                 out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = cosines(features, class_embeddings) * self.logit_scale + bias.view(1, -1, 1, 1)
+        logits = self.scores(features, class_embeddings) * self.logit_scale + bias.view(1, -1, 1, 1)
         # sizes taken from a tensor input are traced as graph values, not baked-in constants
         up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
         return logits, up.argmax(1)
@@ -59,14 +62,11 @@ class GatedClassifierOnnx(ClassifierOnnx):
         self.gate = student.vocab_gate
         self.dim = student.embed_dim
 
-    def forward(self, features: torch.Tensor, class_embeddings: torch.Tensor, bias: torch.Tensor,
-                out_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate(class_embeddings)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
         head = cosines(features[:, : self.dim], class_embeddings)
         mix = cosines(features[:, self.dim :], class_embeddings)
-        logits = (head + g * (mix - head)) * self.logit_scale + bias.view(1, -1, 1, 1)
-        up = F.interpolate(logits, size=(out_size[0], out_size[1]), mode="bilinear", align_corners=False)
-        return logits, up.argmax(1)
+        return head + g * (mix - head)
 
 
 def cosines(features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:

@@ -183,15 +183,17 @@ class Student(nn.Module):
         d = self.embed_dim
         return F.normalize(features[:, :d], dim=1) + self.vocab_mix * F.normalize(features[:, d:], dim=1)
 
-    def scores(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def scores(self, features: torch.Tensor, text: torch.Tensor, unit: bool = False) -> torch.Tensor:
         """forward's output B x F x h x w, text C x D (unit) -> B x C x h x w cosines to each name; with the gate,
-        per name c: (1 - g_c) cos(MLP feature, t_c) + g_c cos(mixture, t_c), g_c = sigmoid(gate(t_c))."""
+        per name c: (1 - g_c) cos(MLP feature, t_c) + g_c cos(mixture, t_c), g_c = sigmoid(gate(t_c)).
+        unit: the features are unit vectors already (per half with the gate): no second pass normalises them."""
+        def cos(x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bdhw,cd->bchw", x if unit else F.normalize(x, dim=1), text)
+
         if self.vocab_gate is None:
-            return torch.einsum("bdhw,cd->bchw", F.normalize(features, dim=1), text)
-        d = self.embed_dim
+            return cos(features)
         g = torch.sigmoid(self.vocab_gate(text)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
-        head = torch.einsum("bdhw,cd->bchw", F.normalize(features[:, :d], dim=1), text)
-        mix = torch.einsum("bdhw,cd->bchw", F.normalize(features[:, d:], dim=1), text)
+        head, mix = cos(features[:, : self.embed_dim]), cos(features[:, self.embed_dim :])
         return head + g * (mix - head)
 
     def set_bank(self, text: torch.Tensor) -> None:

@@ -130,7 +130,9 @@ class Distiller(nn.Module):
         # Losses work at the feature resolution (stride 4) with nearest-sampled labels: 16x cheaper
         # than upsampling logits to the crop, which matters on a CPU.
         labels, valid = at_stride(labels, feats), at_stride(valid, feats)
-        logits = self.student.scores(packed, self.text_seen) * scale
+        gated = self.student.vocab_gate is not None
+        logits = (self.student.scores(packed, self.text_seen) if gated
+                  else self.student.scores(unit, self.text_seen, unit=True)) * scale
         losses.update(nel_loss(logits, labels, self.ignore_index, lc.focal_weight, lc.dice_weight, lc.focal_alpha,
                                lc.focal_gamma, lc.ignore_as_negative, valid, mask))
         if lc.glm_weight > 0:
@@ -138,8 +140,8 @@ class Distiller(nn.Module):
         if lc.dense_weight > 0 and dense is not None:
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if lc.vocab_weight > 0 and dense is not None:
-            # unit vectors are pooled (each half of a gated student's packed feature is one already)
-            pooled_in = unit if self.student.vocab_gate is None else packed
+            # unit vectors are pooled (a gated student's halves: the MLP one normalised, the mixture near unit)
+            pooled_in = packed if gated else unit
             losses["vocab"] = lc.vocab_weight * vocab_distill_loss(pooled_in, dense, self.text_vocab, lc.vocab_temperature,
                                                                   valid, self.student.scores)
         if lc.vocab_head_weight > 0 and dense is not None:
