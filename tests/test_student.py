@@ -30,9 +30,12 @@ def test_with_a_zero_head_the_output_is_the_top_k_mixture_of_the_bank():
     seen = {}
     student.vocab.classifier.register_forward_hook(lambda m, i, o: seen.update(logits=o.detach()))
     x = torch.rand(2, 3, 32, 32)  # stride 32: one location, so the upsampled mixture is constant
+    text = torch.nn.functional.normalize(torch.randn(4, D), dim=1)
     with torch.no_grad():
         out = student(x)
-    assert out.shape == (2, D, 8, 8)
+        scores = student.scores(out, text).numpy()
+    assert out.shape == (2, 2 * D, 8, 8)
+    assert not out[:, :D].any()  # the zero MLP feature stays zero when normalised
     bank = student.vocab.bank.numpy()
     for b in range(2):
         z = seen["logits"][b, 0, 0].numpy().astype(np.float64)
@@ -41,16 +44,18 @@ def test_with_a_zero_head_the_output_is_the_top_k_mixture_of_the_bank():
         top = np.argsort(-p)[:3]
         w = p[top] / p[top].sum()
         mix = (w[:, None] * bank[top]).sum(0)
-        want = 1.5 * mix / np.linalg.norm(mix)
-        got = out[b].numpy().reshape(D, -1)
+        want = mix / np.linalg.norm(mix)
+        got = out[b, D:].numpy().reshape(D, -1)
         assert np.allclose(got, want[:, None], atol=1e-5)
+        # a name's score is the mixture's cosine, weighted 1.5 / (1 + 1.5) beside the MLP feature's (zero here)
+        assert np.allclose(scores[b].reshape(4, -1), (0.6 * text.numpy() @ want)[:, None], atol=1e-5)
 
 
 def test_the_head_adds_to_the_mixture_and_gradients_reach_the_classifier():
     student = vocab_student().train()
     out = student(torch.rand(2, 3, 64, 64))
-    assert out.shape == (2, D, 16, 16)
-    out.square().mean().backward()
+    assert out.shape == (2, 2 * D, 16, 16)
+    student.scores(out, torch.nn.functional.normalize(torch.randn(3, D), dim=1)).square().mean().backward()
     assert student.vocab.classifier.weight.grad.abs().sum() > 0
     assert student.vocab.features[0].weight.grad.abs().sum() > 0  # the classifier's conv_head, pretrained too
     assert student.vocab_mix.grad is not None and student.head.embed.weight.grad.abs().sum() > 0
@@ -111,15 +116,36 @@ def test_vocab_head_bundle_matches_pytorch(tmp_path):
     export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
     student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
     assert student.vocab is not None and student.vocab.bank.abs().sum() > 0
-    sess = ort.InferenceSession(str(tmp_path / "bundle" / "student.onnx"), providers=["CPUExecutionProvider"])
+    image = ort.InferenceSession(str(tmp_path / "bundle" / "student.onnx"), providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(str(tmp_path / "bundle" / "classifier.onnx"), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
-    for shape in [(2, 3, 64, 64), (1, 3, 97, 131)]:  # sizes unlike the export's dummy: dynamic axes all through
+    text = torch.nn.functional.normalize(torch.randn(4, teacher.embed_dim, generator=gen), dim=1)
+    # sizes unlike the export's dummy (dynamic axes all through), with stride-32 grids that do not divide evenly
+    for shape in [(2, 3, 64, 64), (1, 3, 97, 131), (1, 3, 37, 200)]:
         x = torch.rand(*shape, generator=gen)
         with torch.no_grad():
-            ref = student(x).numpy()
-        got = sess.run(None, {"image": x.numpy()})[0]
-        assert got.shape == ref.shape
-        assert np.abs(got - ref).max() < 1e-4
+            ref = student.logits(x, text, cfg.student.logit_scale, torch.zeros(4)).numpy()
+            packed = student.serving_features(x).numpy()
+        feats = image.run(None, {"image": x.numpy()})[0]
+        assert feats.shape == packed.shape and np.abs(feats - packed).max() < 1e-4
+        assert feats.shape[1] < 2 * teacher.embed_dim  # the coarse mixture is packed, not upsampled
+        for b in range(shape[0]):
+            got = head.run(None, {"features": feats[b:b + 1], "class_embeddings": text.numpy(),
+                                  "bias": np.zeros(4, np.float32), "out_size": np.array(shape[2:], np.int64)})[0]
+            assert got.shape == ref[b:b + 1].shape and np.abs(got - ref[b:b + 1]).max() < 1e-3
+
+
+def test_the_serving_layout_packs_and_unpacks_the_coarse_mixture_exactly():
+    from clipteacher.models.student import pack_coarse, unpack_coarse
+
+    gen = torch.Generator().manual_seed(0)
+    for d, (h, w) in [(8, (4, 4)), (384, (25, 33)), (20, (16, 9)), (32, (128, 171))]:
+        fine = torch.randn(2, d, h, w, generator=gen)
+        coarse = torch.randn(2, d, -(-h // 8), -(-w // 8), generator=gen)
+        packed = pack_coarse(fine, coarse)
+        assert packed.shape == (2, d + -(-d // 16), h, w)
+        got_fine, got_coarse = unpack_coarse(packed, d)
+        assert torch.equal(got_fine, fine) and torch.equal(got_coarse, coarse)
 
 
 def test_a_centred_bank_adds_no_common_direction_to_every_name():
@@ -206,7 +232,8 @@ def test_the_gate_weighs_the_mixture_per_name():
     with torch.no_grad():
         out = student(torch.rand(1, 3, 64, 64))
         assert out.shape == (1, 2 * D, 16, 16)
-        head, mix = unit_np(out[0, :D].numpy().reshape(D, -1)), unit_np(out[0, D:].numpy().reshape(D, -1))
+        # the MLP half's cosine; the mixture half (upsampled unit vectors) by its dot product, linear like the upsampling
+        head, mix = unit_np(out[0, :D].numpy().reshape(D, -1)), out[0, D:].numpy().reshape(D, -1)
         text = torch.nn.functional.normalize(torch.randn(3, D), dim=1)
         # name-blind at the start: mix 1 -> both cosines count half
         got = student.scores(out, text)[0].numpy().reshape(3, -1)
@@ -279,7 +306,7 @@ def test_gated_bundle_matches_pytorch(tmp_path):
     with torch.no_grad():
         ref = student.logits(x, text, cfg.student.logit_scale, torch.zeros(4)).numpy()
     feats = image.run(None, {"image": x.numpy()})[0]
-    assert feats.shape[1] == 2 * teacher.embed_dim
+    assert feats.shape[1] == teacher.embed_dim + -(-teacher.embed_dim // 16)  # [MLP feature; packed mixture]
     got = head.run(None, {"features": feats, "class_embeddings": text.numpy(), "bias": np.zeros(4, np.float32),
                           "out_size": np.array([97, 131], np.int64)})[0]
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-3

@@ -284,7 +284,9 @@ class Service:
         names, notes = parse_names(names_text) if (names_text or "").strip() else ([], [])
         templates = parse_templates(templates_text)
         features, _ = self.features(image)
-        features = features[:, : self.bundle.embed_dim]  # a ZegCLIP bundle packs [CLIP tokens; g]: the tokens
+        # the first D channels: ZegCLIP's CLIP tokens (it packs [tokens; g]); for a student with the vocabulary
+        # head, its MLP feature (the coarse mixture packed after it is left out of this view)
+        features = features[:, : self.bundle.embed_dim]
         (cls, _), _ = self.teacher_tokens(image)
         weights = glm_attention(cls, features[0], bool(self.bundle.meta.get("glm", {}).get("scaled", False)))
         sims = (cosine_maps(features[0], self._text(names, templates)) if names

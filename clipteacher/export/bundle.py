@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from clipteacher.export.modules import (ClassifierOnnx, GatedClassifierOnnx, StudentOnnx, TeacherOnnx,
+from clipteacher.export.modules import (ClassifierOnnx, VocabClassifierOnnx, StudentOnnx, TeacherOnnx,
                                         TextEncoderOnnx, ZegCLIPClassifierOnnx, ZegCLIPImageOnnx)
 from clipteacher.runtime.bundle import BUNDLE_FORMAT, HUBNESS_DEFAULT, HUBNESS_STRENGTH
 from clipteacher.io import model_digest, read_image_file, resize_short, sha256_file
@@ -168,14 +168,15 @@ def reference_images(cfg: Config, n: int = REFERENCE_IMAGES) -> tuple[list[np.nd
 
 @torch.no_grad()
 def feature_mean(student: Student, images: list[np.ndarray]) -> np.ndarray:
-    """D: the mean unit student feature over every feature cell of `images` (H x W x 3 uint8 each).
+    """D: the mean of the student's score vectors (`Student.score_vectors`: its unit features without the
+    vocabulary head) over every feature cell of `images` (H x W x 3 uint8 each).
 
     A name's expected cosine under the training images is then one dot product (`Bundle.hubness_bias`)."""
     from clipteacher.predictor import to_tensor
 
     total, cells = None, 0
     for im in images:
-        unit = torch.nn.functional.normalize(student(to_tensor(im)[None]), dim=1)[0]  # D x h x w
+        unit = student.score_vectors(student(to_tensor(im)[None]))[0]  # D x h x w
         s = unit.flatten(1).sum(1)
         total = s if total is None else total + s
         cells += unit.shape[1] * unit.shape[2]
@@ -300,7 +301,7 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     cosine = ClassifierOnnx(cfg.student.logit_scale)
     cosine_inputs = ["features", "class_embeddings", "bias", "out_size"]
     cosine_axes = {k: v for k, v in axes.items() if k != "unseen"}
-    plain = not zegclip and student.vocab_gate is None  # the student's classifier is the plain cosine
+    plain = not zegclip and student.vocab is None  # the student's classifier is the plain cosine
     if zegclip:
         log("export: classifier.onnx (ZegCLIP decoder" + (", TagCLIP trusty map)" if cfg.zegclip.trusty else ")"))
         export_onnx(ZegCLIPClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, torch.tensor([0.0, 0.0, 1.0]),
@@ -308,8 +309,8 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
                     folder / "classifier.onnx", ["features", "class_embeddings", "bias", "unseen", "out_size"],
                     ["logits", "labels"], {k: v for k, v in axes.items() if k != "features"} | {"features": feature_axes})
     elif not plain:
-        log("export: classifier.onnx (gated vocabulary head)")
-        export_onnx(GatedClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, out_size),
+        log("export: classifier.onnx (vocabulary head)")
+        export_onnx(VocabClassifierOnnx(student), (torch.randn(1, feats.shape[1], 12, 10), text, bias, out_size),
                     folder / "classifier.onnx", cosine_inputs, ["logits", "labels"], cosine_axes)
     log("export: " + ("classifier.onnx" if plain else "cosine.onnx"))
     # otherwise the Compare view's plain cosine of the teacher's D-channel dense tokens, which this classifier is not

@@ -3,10 +3,11 @@
 Each forward is straight-line tensor code: no Python branching on values, so the traced
 graph is valid for every batch, height, width and class count declared as a dynamic axis.
 
-    StudentOnnx     image B x 3 x H x W float [0, 1]     -> features B x D x H/4 x W/4
+    StudentOnnx     image B x 3 x H x W float [0, 1]     -> features B x D x H/4 x W/4 (with the vocabulary head:
+                                                           `pack_coarse`'s B x (D + D/16) x H/4 x W/4)
     ClassifierOnnx  features B x D x h x w, class_embeddings C x D, bias C, out_size 2 (int64 H, W)
                                                         -> logits B x C x h x w, labels B x H x W (int64)
-    GatedClassifierOnnx  the same for a gated vocabulary head's packed features B x 2D x h x w
+    VocabClassifierOnnx  the same for the vocabulary head's packed features (scores its stride-32 mixture there)
     TextEncoderOnnx input_ids B x L, attention_mask B x L -> embeddings B x D (unit)
     TeacherOnnx     image B x 3 x S x S float [0, 1]     -> cls B x D, dense B x D x h x w (unit)
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipteacher.models.student import Student
+from clipteacher.models.student import Student, unpack_coarse
 from clipteacher.models.teachers import Teacher
 
 
@@ -28,7 +29,7 @@ class StudentOnnx(nn.Module):
         self.student = student
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.student(image)
+        return self.student(image, serving=True)
 
 
 class ClassifierOnnx(nn.Module):
@@ -53,19 +54,27 @@ class ClassifierOnnx(nn.Module):
         return logits, up.argmax(1)
 
 
-class GatedClassifierOnnx(ClassifierOnnx):
-    """The classifier of a student with `vocab_gate`: packed features B x 2D x h x w ([MLP feature; mixture]),
-    each name weighing the two cosines by its gate (`Student.scores`); same inputs and outputs as ClassifierOnnx."""
+class VocabClassifierOnnx(ClassifierOnnx):
+    """The classifier of a student with the vocabulary head: packed features B x (D + P) x h x w
+    (`clipteacher.models.student.pack_coarse`); per name, (1 - g) cos(MLP feature, t) + g cos(mixture, t) with the
+    mixture's cosines taken on its stride-32 grid and upsampled (`Student.scores`: the same numbers). g is the
+    name's gate, or one constant without `vocab_gate`. Same inputs and outputs as ClassifierOnnx."""
 
     def __init__(self, student: Student):
         super().__init__(student.cfg.logit_scale)
         self.gate = student.vocab_gate
+        self.mix = float(student.vocab_mix.detach())
         self.dim = student.embed_dim
 
     def scores(self, features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(class_embeddings)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
-        head = cosines(features[:, : self.dim], class_embeddings)
-        mix = cosines(features[:, self.dim :], class_embeddings)
+        fine, coarse = unpack_coarse(features, self.dim)
+        if self.gate is None:
+            g = self.mix / (1 + self.mix)
+        else:
+            g = torch.sigmoid(self.gate(class_embeddings)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
+        head = cosines(fine, class_embeddings)
+        mix = torch.matmul(class_embeddings, coarse.flatten(2)).unflatten(2, coarse.shape[2:])  # unit mixture
+        mix = F.interpolate(mix, size=fine.shape[2:], mode="bilinear", align_corners=False)
         return head + g * (mix - head)
 
 

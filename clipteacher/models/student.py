@@ -119,16 +119,45 @@ class VocabularyHead(nn.Module):
 
     def mix(self, logits: torch.Tensor) -> torch.Tensor:
         """B x h x w x 1000 logits -> B x D x h x w unit mixtures of the top-k names' bank rows."""
-        top, idx = logits.softmax(-1).topk(self.topk, dim=-1)  # B x h x w x k
-        mix = ((top / top.sum(-1, keepdim=True)).unsqueeze(-1) * self.bank[idx]).sum(-2)  # B x h x w x D
+        # the top-k probabilities renormalised are the softmax of the top-k logits: the 1000-way one cancels
+        top, idx = logits.topk(self.topk, dim=-1)  # B x h x w x k
+        mix = (top.softmax(-1).unsqueeze(-1) * self.bank[idx]).sum(-2)  # B x h x w x D
         return F.normalize(mix, dim=-1).permute(0, 3, 1, 2)
+
+
+PACK = 4  # serving layout: each coarse mixture cell is stored as PACK x PACK stride-4 cells (depth-to-space)
+
+
+def pack_coarse(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """The serving layout of a student with the vocabulary head, one array that callers cache and pass as before.
+
+    fine B x D x h x w (MLP feature), coarse B x D x ceil(h/8) x ceil(w/8) (unit mixture, stride 32) ->
+    B x (D + P) x h x w, P = ceil(D / 16): the coarse map depth-to-space into P channels (top-left
+    4 ceil(h/8) x 4 ceil(w/8), zero beyond). 6% more channels for D = 384, where the training layout's upsampled
+    mixture doubles them; `unpack_coarse` inverts it. Needs h, w >= 4."""
+    b, d, h8, w8 = coarse.shape
+    p = -(-d // PACK**2)
+    coarse = F.pad(coarse, (0, 0, 0, 0, 0, p * PACK**2 - d))
+    packed = F.pixel_shuffle(coarse, PACK)  # B x P x 4 h8 x 4 w8
+    h, w = fine.shape[-2:]
+    packed = F.pad(packed, (0, w - PACK * w8, 0, h - PACK * h8))
+    return torch.cat([fine, packed], dim=1)
+
+
+def unpack_coarse(features: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_coarse's output B x (D + P) x h x w -> (fine B x D x h x w, coarse B x D x ceil(h/8) x ceil(w/8)).
+    The stride-32 grid of an EfficientNet is ceil(H/32) = ceil(ceil(H/4) / 8), so h and w fix it."""
+    h8, w8 = (features.shape[2] + 7) // 8, (features.shape[3] + 7) // 8
+    packed = features[:, dim:, : PACK * h8, : PACK * w8]
+    return features[:, :dim], F.pixel_unshuffle(packed, PACK)[:, :dim]
 
 
 class Student(nn.Module):
     """Per-pixel embedding network.
 
-    forward: images B x 3 x H x W (RGB in [0, 1]; normalised inside) -> B x D x H/4 x W/4, or B x 2D x H/4 x W/4
-    with `vocab_gate` ([unit MLP feature; mixture], scored per name by `scores`).
+    forward: images B x 3 x H x W (RGB in [0, 1]; normalised inside) -> B x D x H/4 x W/4, or with the vocabulary
+    head B x 2D x H/4 x W/4 ([unit MLP feature; mixture], scored per name by `scores`); `serving_features` is
+    the exported form of the same.
     """
 
     def __init__(self, cfg: StudentConfig, embed_dim: int):
@@ -155,46 +184,82 @@ class Student(nn.Module):
             nn.init.zeros_(self.vocab_gate.weight)
             nn.init.constant_(self.vocab_gate.bias, math.log(max(float(cfg.vocab_mix), 1e-6)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_names(images)[0]
+    def forward(self, images: torch.Tensor, serving: bool = False) -> torch.Tensor:
+        """serving: the exported layout (`serving_features`); called through forward so that the traced graph's
+        node names keep the /student/ scope (int8 picks convolutions by it)."""
+        return self.serving_features(images) if serving else self.forward_with_names(images)[0]
 
-    def forward_with_names(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images B x 3 x H x W -> (features B x D x H/4 x W/4, the vocabulary head's ImageNet logits
-        B x H/32 x W/32 x 1000, or None without the head). Training reads the logits; inference does not."""
+    def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """images B x 3 x H x W -> (MLP feature B x D x H/4 x W/4 unnormalised, the vocabulary head's unit mixture
+        B x D x H/32 x W/32 and its ImageNet logits B x H/32 x W/32 x 1000; both None without the head)."""
         x = (images - self.mean) / self.std
         feats = self.backbone(x)  # one map per stage; a stride-2 stage costs nothing extra to return
         out = self.head([feats[i] for i in self.stages])
         if self.vocab is None:
-            return out, None
-        # The MLP head adds the detail (and the trained names) to the coarse mixture; normalising it first keeps
-        # the two on one scale, so vocab_mix alone sets how much the mixture counts (a zero head: pure ConSE).
+            return out, None, None
         logits = self.vocab.classify(feats[self.stages[-1]])
-        mix = F.interpolate(self.vocab.mix(logits), size=out.shape[-2:], mode="bilinear", align_corners=False)
-        if self.vocab_gate is not None:  # the two kept apart: each name weighs them itself (`scores`)
-            return torch.cat([F.normalize(out, dim=1), mix], dim=1), logits
-        return F.normalize(out, dim=1) + self.vocab_mix * mix, logits
+        return out, self.vocab.mix(logits), logits
+
+    def forward_with_names(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images B x 3 x H x W -> (features, the vocabulary head's ImageNet logits B x H/32 x W/32 x 1000 or None
+        without the head; training reads the logits). features: B x D x H/4 x W/4 without the head; with it the
+        training layout B x 2D x H/4 x W/4 = [unit MLP feature; mixture upsampled bilinearly, not renormalised]."""
+        out, coarse, logits = self.parts(images)
+        if coarse is None:
+            return out, None
+        # Upsampling is linear, so a name's dot product with the upsampled mixture is its cosine with the coarse
+        # mixture, upsampled: serving scores the coarse map and upsamples C score maps instead (`pack_coarse`).
+        mix = F.interpolate(coarse, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([F.normalize(out, dim=1), mix], dim=1), logits
+
+    def serving_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The exported image pass: B x D x H/4 x W/4 unnormalised without the head (the classifier normalises),
+        with it the serving layout `pack_coarse(MLP feature, mixture)`. Scores equal `scores(forward(images))`:
+        normalising, upsampling and adding D-channel maps at stride 4 was 70% more image pass (docs/DESIGN.md)."""
+        out, coarse, _ = self.parts(images)
+        return out if coarse is None else pack_coarse(out, coarse)
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """forward's output B x F x h x w -> B x D x h x w in the teacher's space (what GLM, PLM and dense
-        distillation compare with the teacher). Without the gate F = D and this is the identity; with it the
-        packed halves (MLP feature; mixture) are summed at vocab_mix, as the name-blind head does."""
-        if self.vocab_gate is None:
+        distillation compare with the teacher). Without the head F = D and this is the identity; with it the
+        two halves (MLP feature; mixture) are summed at vocab_mix, each a unit vector."""
+        if self.vocab is None:
             return features
         d = self.embed_dim
         return F.normalize(features[:, :d], dim=1) + self.vocab_mix * F.normalize(features[:, d:], dim=1)
 
+    def gate(self, text: torch.Tensor) -> torch.Tensor:
+        """text C x D -> the mixture's weight in each name's score: C values, sigmoid(gate(t_c)) with `vocab_gate`,
+        else vocab_mix / (1 + vocab_mix) for every name."""
+        if self.vocab_gate is not None:
+            return torch.sigmoid(self.vocab_gate(text))[:, 0]
+        return (self.vocab_mix / (1 + self.vocab_mix)).expand(text.shape[0])
+
     def scores(self, features: torch.Tensor, text: torch.Tensor, unit: bool = False) -> torch.Tensor:
-        """forward's output B x F x h x w, text C x D (unit) -> B x C x h x w cosines to each name; with the gate,
-        per name c: (1 - g_c) cos(MLP feature, t_c) + g_c cos(mixture, t_c), g_c = sigmoid(gate(t_c)).
-        unit: the features are unit vectors already (per half with the gate): no second pass normalises them."""
+        """forward's output B x F x h x w (or its average pools), text C x D (unit) -> B x C x h x w scores. Without
+        the head: cosines. With it, per name c: (1 - g_c) cos(MLP feature, t_c) + g_c (mixture . t_c), g = `gate`;
+        the mixture half is a field of upsampled unit vectors whose dot product is linear (see forward_with_names).
+        unit: the (MLP) features are unit vectors already: no second pass normalises them."""
         def cos(x: torch.Tensor) -> torch.Tensor:
             return torch.einsum("bdhw,cd->bchw", x if unit else F.normalize(x, dim=1), text)
 
-        if self.vocab_gate is None:
+        if self.vocab is None:
             return cos(features)
-        g = torch.sigmoid(self.vocab_gate(text)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
-        head, mix = cos(features[:, : self.embed_dim]), cos(features[:, self.embed_dim :])
+        g = self.gate(text).view(1, -1, 1, 1)  # 1 x C x 1 x 1
+        head = cos(features[:, : self.embed_dim])
+        mix = torch.einsum("bdhw,cd->bchw", features[:, self.embed_dim :], text)
         return head + g * (mix - head)
+
+    def score_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """forward's output B x F x h x w -> B x D x h x w vectors whose dot product with a name is its score (the
+        hubness reference averages them). Only for a name-blind weighting: a gate scores every name differently."""
+        if self.vocab is None:
+            return F.normalize(features, dim=1)
+        if self.vocab_gate is not None:
+            raise ValueError("a gated vocabulary head scores each name with its own weighting: no one score vector")
+        g = self.vocab_mix / (1 + self.vocab_mix)
+        d = self.embed_dim
+        return (1 - g) * F.normalize(features[:, :d], dim=1) + g * features[:, d:]
 
     def set_bank(self, text: torch.Tensor) -> None:
         """text: 1000 x D unit embeddings of the ImageNet class names (`imagenet_class_names`), in the teacher's

@@ -124,14 +124,14 @@ class Distiller(nn.Module):
         with autocast(images.device, self.amp):
             feats, names = self.student.forward_with_names(images)
         packed = feats.float()  # the losses run in float32 (a no-op without autocast)
-        feats = self.student.embed(packed)  # B x D x h x w (packed is B x 2D with student.vocab_gate)
+        feats = self.student.embed(packed)  # B x D x h x w (packed is B x 2D with student.vocab_topk)
         unit = F.normalize(feats, dim=1)  # once: normalising B x D x H/4 x W/4 is a large share of a CPU step
         losses: dict[str, torch.Tensor] = {}
         # Losses work at the feature resolution (stride 4) with nearest-sampled labels: 16x cheaper
         # than upsampling logits to the crop, which matters on a CPU.
         labels, valid = at_stride(labels, feats), at_stride(valid, feats)
-        gated = self.student.vocab_gate is not None
-        logits = (self.student.scores(packed, self.text_seen) if gated
+        packed_layout = self.student.vocab is not None
+        logits = (self.student.scores(packed, self.text_seen) if packed_layout
                   else self.student.scores(unit, self.text_seen, unit=True)) * scale
         losses.update(nel_loss(logits, labels, self.ignore_index, lc.focal_weight, lc.dice_weight, lc.focal_alpha,
                                lc.focal_gamma, lc.ignore_as_negative, valid, mask))
@@ -140,8 +140,8 @@ class Distiller(nn.Module):
         if lc.dense_weight > 0 and dense is not None:
             losses["dense"] = lc.dense_weight * dense_distill_loss(unit, dense, labels, valid, self.ignore_index)
         if lc.vocab_weight > 0 and dense is not None:
-            # unit vectors are pooled (a gated student's halves: the MLP one normalised, the mixture near unit)
-            pooled_in = packed if gated else unit
+            # unit vectors are pooled (the vocabulary head's halves: the MLP one normalised, the mixture near unit)
+            pooled_in = packed if packed_layout else unit
             losses["vocab"] = lc.vocab_weight * vocab_distill_loss(pooled_in, dense, self.text_vocab, lc.vocab_temperature,
                                                                   valid, self.student.scores)
         if lc.vocab_head_weight > 0 and dense is not None:
