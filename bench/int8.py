@@ -12,7 +12,7 @@ for fp32 itself with +-0.5 grey levels of uniform noise on its input (less than 
 every image already carries).
 Speed: ms per 512 x 512 image (Bundle.image_features, as bench/latency.py), fp32 and int8 runs
 interleaved so load from other jobs hits both alike, at 1 thread and at all cores.
---sweep: the student's convolutions in groups (backbone stem and stages, head projections, fuse,
+--sweep: the student's convolutions in groups (backbone stem and stages, the head's stage maps, its
 embed), each quantised alone exactly as the export quantises, with the labels it flips on
 --sweep-images val images per dataset and the time it saves (512 x 512, 1 thread, fastest run): the measurement
 behind clipteacher.export.bundle.INT8_MODULES (docs/DESIGN.md#int8-student).
@@ -107,13 +107,15 @@ def session_features(path: Path, eval_size: int, threads: int = 1, noise: float 
 
 def conv_groups(student: Path) -> dict[str, tuple[str, ...]]:
     """Group name -> node-name prefix, in graph order: the backbone's stem and each stage, and the head's
-    projections (all four together), fuse and embed."""
+    stage maps (each projection composed with its slice of the fuse, `MLPHead`; all four together) and embed."""
     import onnx
 
     groups = {}
     for node in onnx.load(str(student)).graph.node:
         parts = node.name.split("/")  # '', 'student', 'backbone' | 'head', module, ..., 'Conv'
-        if node.op_type == "Conv" and len(parts) > 4:
+        if node.op_type == "Conv" and parts[2:3] == ["head"] and len(parts) == 4:  # /student/head/Conv_i
+            groups.setdefault("head stage maps", ("/student/head/Conv",))
+        elif node.op_type == "Conv" and len(parts) > 4:
             key = parts[3].split(".")[0] if parts[2] == "head" else parts[3]  # proj.0 .. proj.3 as one group
             tail = "" if parts[2] == "head" else "/"  # blocks.1/ must not match blocks.10
             groups.setdefault(f"{parts[2]} {key}", (f"/student/{parts[2]}/{key}{tail}",))

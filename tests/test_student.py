@@ -342,3 +342,38 @@ def test_the_gate_learns_at_its_own_rate_without_decay():
     gate = [g for g in groups if any(p is student.vocab_gate.weight for p in g["params"])]
     assert len(gate) == 1 and gate[0]["lr"] == pytest.approx(3e-2) and gate[0]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_the_mlp_head_equals_the_concatenate_then_fuse_decoder_it_replaces(train):
+    """MLPHead sums per-stage composed maps; the SegFormer decoder concatenates upsampled projections and fuses
+    them with one 1x1 convolution. Same parameters, same outputs and gradients (BN in both modes)."""
+    from clipteacher.models.student import MLPHead
+
+    torch.manual_seed(0)
+    head = MLPHead([5, 7, 9, 11], 6, 4).train(train)
+    with torch.no_grad():  # non-trivial BN statistics and affine terms
+        head.fuse[1].running_mean.normal_()
+        head.fuse[1].running_var.uniform_(0.5, 2.0)
+        head.fuse[1].weight.normal_()
+        head.fuse[1].bias.normal_()
+    feats = [torch.randn(2, c, 23 // s + 1, 31 // s + 1) for c, s in zip((5, 7, 9, 11), (1, 2, 4, 8))]
+
+    def concat_then_fuse(feats):
+        size = feats[0].shape[-2:]
+        ups = [torch.nn.functional.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+               for p, f in zip(head.proj, feats)]
+        return head.embed(head.fuse(torch.cat(ups, dim=1)))
+
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    ours = head(feats)
+    grads = torch.autograd.grad(ours.square().sum(), list(head.parameters()))
+    head.load_state_dict(state)  # train mode updated the BN running statistics once already
+    ref = concat_then_fuse(feats)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(head.parameters()))
+    assert ours.shape == (2, 4, 24, 32)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    scale = max(r.abs().max() for r in ref_grads)  # in train mode BN cancels the projection biases' gradients to ~0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5 * scale)
+

@@ -44,10 +44,11 @@ OPSET = 17
 CALIBRATION_IMAGES = 32  # int8 activation ranges come from this many training images
 REFERENCE_IMAGES = 96  # hubness reference: training images whose student features give each name's expected score
 CALIBRATION_PERCENTILE = 99.99  # of each activation's values: clips rare outliers, finer steps for the rest
-# The student modules quantised to int8 (node-name prefixes of the exported graph): the head's two 1x1
-# convolutions at stride 4. Every other layer costs more label agreement than it saves time; measured
-# in docs/DESIGN.md#int8-student with bench/int8.py --sweep.
-INT8_MODULES = ("/student/head/fuse/", "/student/head/embed/")
+# The student modules quantised to int8 (node-name prefixes of the exported graph): the head's embed, the
+# one 1x1 convolution at stride 4 with many channels (the fuse product is folded into each stage's map,
+# `MLPHead`). Every other layer costs more label agreement than it saves time; measured in
+# docs/DESIGN.md#int8-student with bench/int8.py --sweep.
+INT8_MODULES = ("/student/head/embed/",)
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -190,7 +191,7 @@ def quantize_int8(src: Path, dst: Path, images: list[np.ndarray], modules: tuple
     Per-channel int8 weights, uint8 activations with ranges at the CALIBRATION_PERCENTILE of the
     calibration images. The ReLU / ReLU6 after a quantised convolution is quantised with it, so its
     output range is the activation's ([0, 6]) rather than the pre-activation's, which is far wider.
-    Why only the head's fuse and embed convolutions: docs/DESIGN.md#int8-student (bench/int8.py --sweep).
+    Why only the head's embed convolution: docs/DESIGN.md#int8-student (bench/int8.py --sweep).
     """
     import contextlib
     import io

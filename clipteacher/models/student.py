@@ -67,6 +67,12 @@ class MLPHead(nn.Module):
     """SegFormer-style all-MLP decoder: project every stage to `width`, upsample to stride 4, fuse, embed.
 
     Input: list of B x C_i x H/s_i x W/s_i. Output: B x D x H/4 x W/4 (unnormalised).
+
+    The fuse is a 1x1 convolution of the concatenated upsampled projections, i.e. a sum over stages of one
+    linear map each; 1x1 maps commute with bilinear upsampling (its weights sum to 1, so biases pass through).
+    `forward` therefore applies each stage's composed map (fuse slice x projection) at the stage's own
+    stride and sums the upsampled results: the same function and parameters, without the 4 x width channel
+    concatenation at stride 4 or the fuse's 4 x width -> width product there (docs/DESIGN.md#mlp-head).
     """
 
     def __init__(self, in_channels: list[int], width: int, embed_dim: int):
@@ -80,9 +86,17 @@ class MLPHead(nn.Module):
         self.embed = nn.Conv2d(width, embed_dim, 1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        size = feats[0].shape[-2:]
-        ups = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) for p, f in zip(self.proj, feats)]
-        return self.embed(self.fuse(torch.cat(ups, dim=1)))
+        size = feats[0].shape[-2:]  # stage 0 is at stride 4: its map needs no upsampling
+        width = self.fuse[0].out_channels
+        fuse = self.fuse[0].weight[:, :, 0, 0]  # width x (stages * width)
+        out = None
+        for i, (p, f) in enumerate(zip(self.proj, feats)):
+            w = fuse[:, i * width : (i + 1) * width]
+            y = F.conv2d(f, (w @ p.weight[:, :, 0, 0])[:, :, None, None], w @ p.bias)
+            if i:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out = y if out is None else out + y
+        return self.embed(self.fuse[2](self.fuse[1](out)))
 
 
 class VocabularyHead(nn.Module):
