@@ -93,6 +93,7 @@ class LossConfig:
     vocab_temperature: float = 0.05  # softmax temperature of both sides of that KL (1 / student.logit_scale by default)
     vocab_file: str = ""  # more names for that KL, one per line; the 1000 ImageNet class names and every dataset class are always in it
     vocab_head_weight: float = 0.0  # student.vocab_topk: KL(teacher || the vocabulary head's ImageNet softmax) on every teacher token, keeps its classifier naming as the backbone moves; 0 = off
+    anchor_weight: float = 0.0  # student.vocab_topk: KL(the student's pretrained ImageNet classifier, frozen || the head's classifier) on every crop cell (learning without forgetting); 0 = off
 
 
 @dataclass
@@ -290,6 +291,8 @@ def _check(cfg: "Config") -> None:
         raise ConfigError("student.vocab_gate weighs the vocabulary head's mixture: it needs student.vocab_topk > 0")
     if cfg.loss.vocab_head_weight > 0 and not cfg.student.vocab_topk:
         raise ConfigError("loss.vocab_head_weight trains the vocabulary head: it needs student.vocab_topk > 0")
+    if cfg.loss.anchor_weight > 0 and not cfg.student.vocab_topk:
+        raise ConfigError("loss.anchor_weight keeps the vocabulary head's classifier: it needs student.vocab_topk > 0")
 
 
 def _apply(section: Any, values: dict, prefix: str, source: str) -> None:

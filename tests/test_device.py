@@ -74,11 +74,17 @@ def meta_run(tiny_data, tmp_path, **sections):
     return run
 
 
-@pytest.mark.parametrize("mode", ["online", "cached", "vocab_head"])
+@pytest.mark.parametrize("mode", ["online", "cached", "vocab_head", "anchor"])
 def test_training_step_sends_every_tensor_to_the_model_device(tiny_data, tmp_path, monkeypatch, mode):
-    """vocab_head: the student's vocabulary head (its bank is filled on the CPU, then moved with the model)."""
+    """vocab_head: the student's vocabulary head (its bank is filled on the CPU, then moved with the model);
+    anchor: its frozen pretrained classifier (loss.anchor_weight) must move with the model too."""
     extra = {"student": {"vocab_topk": 4}, "loss": {"vocab_head_weight": 1.0}} if mode == "vocab_head" else {}
-    run = meta_run(tiny_data, tmp_path, teacher={"mode": "online" if mode == "vocab_head" else mode}, **extra)
+    if mode == "anchor":
+        extra = {"student": {"vocab_topk": 4}, "loss": {"anchor_weight": 1.0}}
+    run = meta_run(tiny_data, tmp_path, teacher={"mode": "online" if mode in ("vocab_head", "anchor") else mode},
+                   **extra)
+    if mode == "anchor":
+        assert {p.device for p in run.core.anchor.parameters()} == {META}
     if mode == "vocab_head":  # the loss's own constants (the 1000 names) must move with the model too
         assert run.core.text_imagenet.shape[0] == 1000 and run.core.text_imagenet.device == META
     got = {}

@@ -377,3 +377,56 @@ def test_the_mlp_head_equals_the_concatenate_then_fuse_decoder_it_replaces(train
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5 * scale)
 
+
+def test_anchor_loss_matches_a_hand_computed_kl_and_skips_padding():
+    from clipteacher.train.losses import anchor_loss
+
+    student = torch.zeros(1, 1, 2, 1000)
+    anchor = torch.zeros(1, 1, 2, 1000)
+    anchor[0, 0, 0, 0] = np.log(999.0)  # the anchor puts 0.5 on name 0, 0.5 / 999 on each other name
+    anchor[0, 0, 1, 0] = 50.0  # the second cell is padding: whatever it holds must not count
+    valid = torch.tensor([[[True, True, False, False]]])  # B x H x W, the crop's right half padded
+    p = np.full(1000, 0.5 / 999)
+    p[0] = 0.5
+    expected = float((p * np.log(p * 1000)).sum())  # KL(p || uniform)
+    assert float(anchor_loss(student, anchor, valid)) == pytest.approx(expected, rel=1e-5)
+    assert float(anchor_loss(anchor, anchor)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_anchor_is_the_pretrained_classifier_frozen_and_never_saved(tiny_data, tmp_path):
+    """A fine-tune (train.init_from) moves the student; the anchor stays the classifier the student was built with,
+    stays out of the checkpoint, and its loss trains the student's classifier only."""
+    import json
+
+    from clipteacher.train.distill import ImageNetAnchor
+
+    cfg = tiny_config(tiny_data, tmp_path / "a", train={"iters": 2, "log_every": 1}, student={"vocab_topk": 4},
+                      loss={"anchor_weight": 1.0})
+    train(cfg, verbose=False)
+    saved = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    assert not any(k.startswith("anchor.") for k in saved) and "student.vocab.classifier.weight" in saved
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["anchor"] for r in rows if "anchor" in r]
+
+    # fine-tune from that run: the student starts from its weights, the anchor from the built (initial) ones
+    cfg2 = tiny_config(tiny_data, tmp_path / "b", train={"iters": 1, "init_from": str(tmp_path / "a" / "last.pt")},
+                       student={"vocab_topk": 4}, loss={"anchor_weight": 1.0})
+    from clipteacher.train.engine import build_run, check_inputs, initialise
+
+    train_set, val_set, _ = check_inputs(cfg2, None, False, True)
+    run = build_run(cfg2, train_set, val_set, verbose=False)
+    built = {k: v.clone() for k, v in run.core.anchor.state_dict().items()}
+    initialise(run, cfg2.train.init_from)
+    anchor = run.core.anchor
+    assert isinstance(anchor, ImageNetAnchor) and not anchor.training
+    for k, v in anchor.state_dict().items():
+        assert torch.equal(v, built[k]), k
+    w = "classifier.classifier.weight"
+    assert not torch.equal(anchor.state_dict()[w], saved["student.vocab.classifier.weight"].float())
+    run.core.train()
+    assert not anchor.training and not any(p.requires_grad for p in anchor.parameters())
+
+
+def test_anchor_loss_needs_the_head():
+    with pytest.raises(ConfigError, match="vocab_topk"):
+        from_dict({"loss": {"anchor_weight": 1.0}})

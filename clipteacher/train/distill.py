@@ -8,6 +8,7 @@ outside so its weights are never broadcast or all-reduced.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from clipteacher.config import Config
 from clipteacher.train.glm import GlobalLearningModule
-from clipteacher.train.losses import dense_distill_loss, nel_loss, vocab_distill_loss, vocab_head_loss
+from clipteacher.train.losses import anchor_loss, dense_distill_loss, nel_loss, vocab_distill_loss, vocab_head_loss
 from clipteacher.train.maskclip import maskclip_loss, teacher_pseudo_labels
 from clipteacher.train.plm import PixelLearningModule, make_pseudo_labels
 from clipteacher.models.student import Student
@@ -69,6 +70,41 @@ def at_stride(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return x[:, stride // 2 :: stride, stride // 2 :: stride][:, : feats.shape[2], : feats.shape[3]]
 
 
+class ImageNetAnchor(nn.Module):
+    """The student's pretrained ImageNet classifier (backbone and vocabulary head as built, before a fine-tune or a
+    resume loads other weights), frozen and always in eval mode: the target of `loss.anchor_weight`.
+
+    forward: images B x 3 x H x W (RGB in [0, 1]) -> ImageNet logits B x H/32 x W/32 x 1000."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.backbone = copy.deepcopy(student.backbone)
+        self.classifier = copy.deepcopy(student.vocab)
+        self.stage = student.stages[-1]
+        self.register_buffer("mean", student.mean.clone(), persistent=False)
+        self.register_buffer("std", student.std.clone(), persistent=False)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "ImageNetAnchor":
+        return super().train(False)  # its BatchNorm statistics are part of what it anchors
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.classify(self.backbone((images - self.mean) / self.std)[self.stage])
+
+
+def _drop_anchor(module: nn.Module, state: dict, prefix: str, _meta) -> None:
+    """state_dict hook: the anchor is rebuilt from the packaged weights at every start, never saved."""
+    for k in [k for k in state if k.startswith(prefix + "anchor.")]:
+        del state[k]
+
+
+def _anchor_not_missing(module: nn.Module, keys) -> None:
+    """load_state_dict hook: a checkpoint has no anchor weights (`_drop_anchor`), so none is missing."""
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith("anchor.")]
+
+
 class Distiller(nn.Module):
     """Student + GLM + PLM. forward(...) -> dict of weighted loss terms (their sum is the objective)."""
 
@@ -85,6 +121,11 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.ignore_index = ignore_index
         self.student = Student(cfg.student, embed_dim)
+        self.anchor = None
+        if cfg.loss.anchor_weight > 0:
+            self.anchor = ImageNetAnchor(self.student)  # before any checkpoint's weights reach the student
+            self._register_state_dict_hook(_drop_anchor)
+            self.register_load_state_dict_post_hook(_anchor_not_missing)
         self.glm = GlobalLearningModule(cfg.glm, embed_dim)
         self.use_plm = cfg.loss.ce_weight > 0 or cfg.loss.gen_weight > 0
         self.plm = PixelLearningModule(cfg.plm, embed_dim) if self.use_plm else None
@@ -150,6 +191,8 @@ class Distiller(nn.Module):
                                  "embeddings (text_imagenet)")
             losses["vocab_head"] = lc.vocab_head_weight * vocab_head_loss(names, dense, self.text_imagenet,
                                                                           lc.vocab_temperature, valid)
+        if self.anchor is not None:
+            losses["anchor"] = self.cfg.loss.anchor_weight * anchor_loss(names, self.anchor(images), valid)
         if self.maskclip and dense is not None:
             mc = self.cfg.maskclip
             logits_all = torch.einsum("bdhw,nd->bnhw", unit, self.text_names) * scale

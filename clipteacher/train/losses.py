@@ -158,3 +158,20 @@ def vocab_head_loss(logits: torch.Tensor, dense: torch.Tensor, text: torch.Tenso
     t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
     log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
+def anchor_loss(logits: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(anchor || student) between two ImageNet softmaxes on the same cells (learning without forgetting, beyond the
+    paper: docs/METHOD.md#anchor): the frozen pretrained classifier's and the vocabulary head's, which segmentation
+    training moves. Unlike `vocab_head_loss`, the target is the classifier's own sharp ImageNet distribution, not
+    the teacher's name cosines, and no teacher token is needed (it holds on every crop, cached teacher or not).
+
+    logits, anchor: B x h x w x 1000 (stride 32); valid: B x H x W bool (False on padding), pooled to the grid."""
+    keep = torch.ones(logits.shape[:3], dtype=torch.bool, device=logits.device)
+    if valid is not None:
+        keep = F.adaptive_avg_pool2d(valid[:, None].float(), logits.shape[1:3])[:, 0] > 0.5
+    if not keep.any():
+        return logits.sum() * 0.0
+    log_ps = F.log_softmax(logits.float()[keep], dim=-1)  # N x 1000
+    log_pt = F.log_softmax(anchor.float()[keep], dim=-1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
