@@ -1,6 +1,6 @@
 """The int8 student against fp32: speed and pixel-label agreement on the val images of MSRC-21 and SIFT Flow.
 
-    python bench/int8.py                            # exports assets/default.pt with --int8 to a temp bundle
+    python bench/int8.py                            # exports assets/default with --int8 to a temp bundle
     python bench/int8.py --bundle bundles/default    # a bundle exported with --int8
     python bench/int8.py --sweep                    # which layers cost accuracy: each group quantised alone
 
@@ -151,7 +151,7 @@ def sweep(folder: Path, checkpoint: str, sets: dict, work: Path, runs: int) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="bundle exported with --int8 (default: export --checkpoint to a temp folder)")
-    parser.add_argument("--checkpoint", default=str(ROOT / "assets" / "default.pt"))
+    parser.add_argument("--checkpoint", default=str(ROOT / "assets" / "default"))
     parser.add_argument("--runs", type=int, default=20, help="timed runs per precision and thread count")
     parser.add_argument("--sweep", action="store_true", help="also quantise each group of layers alone")
     parser.add_argument("--sweep-images", type=int, default=24, help="val images per dataset in the sweep")

@@ -157,3 +157,17 @@ def test_docs_and_model_folders_name_no_machine_paths():
     offenders = [f"{f.relative_to(ROOT)}:{i}" for f in files
                  for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_repository_paths_named_in_scripts_exist():
+    """A default like ROOT / "assets" / "default.pt" outlives the file it named (bench/int8.py did, after the
+    default model became a folder): every repository path spelled that way in bench/ and training/ must exist."""
+    import re
+
+    missing = []
+    for script in sorted([*ROOT.glob("bench/*.py"), *ROOT.glob("training/**/*.py")]):
+        for parts in re.findall(r'ROOT((?:\s*/\s*"[^"]+")+)', script.read_text()):
+            path = ROOT.joinpath(*re.findall(r'"([^"]+)"', parts))
+            if not path.exists():
+                missing.append(f"{script.relative_to(ROOT)}: {path.relative_to(ROOT)}")
+    assert not missing, missing

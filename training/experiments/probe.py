@@ -1,6 +1,6 @@
 """The open-vocabulary probe: does the model find an image's own name among K names it never trained on?
 
-    python -m training.experiments.probe --checkpoint assets/default.pt [--checkpoint OTHER ...] [--bundle DIR ...]
+    python -m training.experiments.probe --checkpoint assets/default [--checkpoint OTHER ...] [--bundle DIR ...]
 
 The probe images are 200 of the unlabelled ImageNet pool (`clipteacher.train.sources.probe_ids`, by a
 hash of the file name), left out of every training run. Each is segmented with its own class name
