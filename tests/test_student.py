@@ -430,3 +430,33 @@ def test_the_anchor_is_the_pretrained_classifier_frozen_and_never_saved(tiny_dat
 def test_anchor_loss_needs_the_head():
     with pytest.raises(ConfigError, match="vocab_topk"):
         from_dict({"loss": {"anchor_weight": 1.0}})
+
+
+def test_pretrained_interpolation_steps_backbone_and_classifier_back_and_nothing_else():
+    """WiSE-FT at weight w: each backbone / vocabulary-classifier tensor t_ft -> (1 - w) t_ft + w t_pre, with t_pre the
+    packaged ImageNet weights the student is built with; the MLP head, the bank and integer buffers stay."""
+    from clipteacher.models.build import interpolate_pretrained
+
+    cfg = from_dict({"student": {"head_dim": 16, "vocab_topk": 3}})
+    pre = Student(cfg.student, D).state_dict()
+    tuned = {f"student.{k}": v + 1.0 if v.is_floating_point() else v + 3 for k, v in pre.items()}
+    ckpt = {"config": cfg.to_dict(), "model": tuned, "embed_dim": D}
+    out = interpolate_pretrained(ckpt, 0.25)["model"]
+    assert ckpt["model"] is tuned and all(torch.equal(tuned[k], ckpt["model"][k]) for k in tuned)  # not mutated
+    moved = {"backbone.conv_stem.weight", "backbone.blocks.6.0.bn3.running_var", "vocab.features.0.weight",
+             "vocab.classifier.weight", "vocab.classifier.bias"}
+    for k in moved:
+        torch.testing.assert_close(out[f"student.{k}"], pre[k] + 0.75)
+    for k in ("head.embed.weight", "head.proj.0.bias", "vocab.bank", "vocab_mix"):
+        assert torch.equal(out[f"student.{k}"], tuned[f"student.{k}"]), k
+    assert torch.equal(out["student.backbone.bn1.num_batches_tracked"], tuned["student.backbone.bn1.num_batches_tracked"])
+    assert all(torch.equal(a, b) for a, b in zip(interpolate_pretrained(ckpt, 0.0)["model"].values(), tuned.values()))
+
+
+@pytest.mark.parametrize("values, weight", [({"student": {"pretrained": False}}, 0.5), ({}, 1.5)])
+def test_pretrained_interpolation_refuses_what_it_cannot_do(values, weight):
+    from clipteacher.models.build import interpolate_pretrained
+
+    cfg = from_dict(values)
+    with pytest.raises(ValueError, match="pretrained interpolation"):
+        interpolate_pretrained({"config": cfg.to_dict(), "model": {}, "embed_dim": D}, weight)

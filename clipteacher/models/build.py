@@ -1,9 +1,10 @@
 """Which network a config trains and serves: the student, or ZegCLIP / TagCLIP (`Config.method`)."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from clipteacher.config import Config
+from clipteacher.config import Config, from_dict
 from clipteacher.models.student import Student
 
 
@@ -30,3 +31,26 @@ def fill_vocabulary_bank(model: nn.Module, teacher, templates):
     text = teacher.encode_text(imagenet_class_names(), templates).cpu()
     model.set_bank(text)
     return text
+
+
+def interpolate_pretrained(ckpt: dict, weight: float) -> dict:
+    """Weight-space ensembling towards the student's pretrained ImageNet weights (WiSE-FT, Wortsman et al. 2022;
+    docs/METHOD.md#pretrained-interpolation): every floating tensor of the backbone and of the vocabulary head's
+    classifier becomes (1 - weight) x fine-tuned + weight x pretrained; the MLP head, the bank and integer buffers
+    stay as trained. Returns a new checkpoint dict; `ckpt` is not changed.
+
+    Segmentation training moves the backbone under the ImageNet classifier that names pixels for the vocabulary
+    head; a partial step back restores much of that naming and costs the fine-tuned task little."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"pretrained interpolation weight must be in [0, 1], got {weight}")
+    cfg = from_dict(ckpt["config"])
+    if cfg.method == "zegclip" or not cfg.student.pretrained:
+        raise ValueError("pretrained interpolation needs a student with pretrained weights (student.pretrained)")
+    pretrained = Student(cfg.student, ckpt["embed_dim"]).state_dict()  # built, before any checkpoint loads
+    model = dict(ckpt["model"])
+    for key, pre in pretrained.items():
+        if key.startswith(("backbone.", "vocab.features.", "vocab.classifier.")) and pre.is_floating_point():
+            tuned = model[f"student.{key}"]
+            mixed = (1 - weight) * tuned.float() + weight * pre.float()
+            model[f"student.{key}"] = mixed.to(tuned.dtype)
+    return {**ckpt, "model": model}

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from clipteacher.io import read_image_file
 from clipteacher.predictor import Segmenter
 from clipteacher.pseudo.vis import overlay, region_palette
+from clipteacher.models.build import interpolate_pretrained
 from clipteacher.checkpoint import CARD, WEIGHTS, inference_copy, load_checkpoint, save_model_folder
 from clipteacher.train.datasets import build_dataset
 from clipteacher.train.gamma import sweep_gamma
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-mix", type=float,
                         help="set the vocabulary head's mixture weight (student.vocab_mix) before shipping, e.g. one "
                              "chosen on val and the probe; default: the trained value")
+    parser.add_argument("--pretrained-weight", type=float,
+                        help="interpolate the backbone and the vocabulary head's classifier this far back towards "
+                             "their pretrained ImageNet weights (WiSE-FT; 0 = as trained), e.g. a value chosen on val "
+                             "and the probe")
     parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
     parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
     parser.add_argument("--assets", default="assets")
@@ -187,9 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
                        + [f"--previous {p}" for p in args.previous]
-                       + ([f"--vocab-mix {args.vocab_mix:g}"] if args.vocab_mix is not None else []))
+                       + ([f"--vocab-mix {args.vocab_mix:g}"] if args.vocab_mix is not None else [])
+                       + ([f"--pretrained-weight {args.pretrained_weight:g}"] if args.pretrained_weight else []))
     dst = Path(args.assets) / "default"
-    ckpt = inference_copy(load_checkpoint(args.checkpoint), args.gamma, half=True)
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.pretrained_weight:  # in float32, before the fp16 copy
+        try:
+            ckpt = interpolate_pretrained(inference_copy(ckpt), args.pretrained_weight)
+        except ValueError as err:
+            raise SystemExit(f"error: --pretrained-weight: {err}") from None
+    ckpt = inference_copy(ckpt, args.gamma, half=True)
     if args.vocab_mix is not None:
         if "student.vocab_mix" not in ckpt["model"]:
             raise SystemExit(f"error: --vocab-mix: {args.checkpoint} has no vocabulary head (student.vocab_topk)")
