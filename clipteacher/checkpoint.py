@@ -28,7 +28,9 @@ FORMAT = "clipteacher-checkpoint-v1"
 FOLDER_FORMAT = "clipteacher-model-v1"
 REQUIRED = ("config", "model", "vocabulary", "text_cache", "embed_dim", "gamma")  # what inference needs
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"  # a model folder's files
-REFERENCE = ("feature_mean", "feature_mean_reference")  # optional: D float32 mean unit feature, and its source
+# optional: D float32 mean unit feature, its source, and whether bundles of this model serve the correction by default
+# (chosen per model on the probe; absent = clipteacher.runtime.bundle.HUBNESS_DEFAULT)
+REFERENCE = ("feature_mean", "feature_mean_reference", "hubness_default")
 TEXT_PREFIX = "text_cache."  # safetensors keys of the cached text embeddings (one per name, in config.json's order)
 # Checkpoints written before plain-type RNG state held numpy's generator state as an array; these
 # constructors rebuild plain arrays and nothing else, so such files are still read by the safe loader.

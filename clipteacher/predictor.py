@@ -67,6 +67,7 @@ class Segmenter:
         self.teacher_fingerprint = teacher_fingerprint
         self.feature_mean: torch.Tensor | None = None  # D: hubness reference, when the model carries one
         self.feature_mean_reference = ""  # which images it came from
+        self.hubness_default: bool | None = None  # the model's own choice of serving the correction (None: the global default)
         self._teacher = None
 
     @classmethod
@@ -97,6 +98,8 @@ class Segmenter:
         if "feature_mean" in ckpt:  # hubness reference (clipteacher.export.bundle.feature_mean)
             seg.feature_mean = ckpt["feature_mean"].float()
             seg.feature_mean_reference = ckpt.get("feature_mean_reference", "")
+        if ckpt.get("hubness_default") is not None:
+            seg.hubness_default = bool(ckpt["hubness_default"])
         return seg
 
     def text_embeddings(self, classes: list[str]) -> torch.Tensor:

@@ -334,3 +334,25 @@ def test_exported_bundles_serve_the_hubness_correction_by_default(bundle_dir):
     """Chosen on train/val/probe (docs/RESULTS.md): the correction is on in every bundle exported from now on."""
     meta = json.loads((bundle_dir / "bundle.json").read_text())
     assert meta.get("hubness") is None or meta["hubness"]["default"] is True
+
+
+@pytest.mark.parametrize("choice", [False, True, None])
+def test_a_model_carries_its_own_hubness_default_into_its_bundles(bundle_dir, tmp_path, choice):
+    """default_model --hubness off stores the choice in the model folder; every bundle exported from it serves
+    that default (None: the model has no choice, the global default applies)."""
+    import torch
+
+    from clipteacher.checkpoint import load_checkpoint, save_model_folder
+    from clipteacher.export.bundle import export_bundle
+    from clipteacher.runtime.bundle import HUBNESS_DEFAULT
+
+    ckpt = load_checkpoint(bundle_dir.parent / "app_ckpt.pt")
+    ckpt["feature_mean"] = torch.nn.functional.normalize(torch.randn(ckpt["embed_dim"]), dim=0)
+    ckpt["feature_mean_reference"] = "a test vector"
+    if choice is not None:
+        ckpt["hubness_default"] = choice
+    save_model_folder(ckpt, tmp_path / "model")
+    export_bundle(tmp_path / "model", tmp_path / "bundle", log=lambda *_: None)
+    served = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["hubness"]
+    assert served["default"] is (HUBNESS_DEFAULT if choice is None else choice)
+    assert served["reference"] == "a test vector"

@@ -378,7 +378,8 @@ def write_bundle(folder: Path, seg: Segmenter, teacher: Teacher, checkpoint: str
     hubness = None
     if mean is not None and not zegclip:
         hubness = {"mean": [float(v) for v in mean.float()], "strength": HUBNESS_STRENGTH,
-                   "default": HUBNESS_DEFAULT, "reference": origin}
+                   "default": HUBNESS_DEFAULT if seg.hubness_default is None else seg.hubness_default,
+                   "reference": origin}
     else:
         log(f"export: no hubness reference ({origin}); the bundle serves without the correction")
         notes["hubness"] = origin

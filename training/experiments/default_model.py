@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="interpolate the backbone and the vocabulary head's classifier this far back towards "
                              "their pretrained ImageNet weights (WiSE-FT; 0 = as trained), e.g. a value chosen on val "
                              "and the probe")
+    parser.add_argument("--hubness", choices=["on", "off"],
+                        help="whether bundles of the model serve the hubness correction by default, chosen on the probe "
+                             "(default: the global default, clipteacher.runtime.bundle.HUBNESS_DEFAULT)")
     parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
     parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
     parser.add_argument("--assets", default="assets")
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
                        + [f"--previous {p}" for p in args.previous]
                        + ([f"--vocab-mix {args.vocab_mix:g}"] if args.vocab_mix is not None else [])
-                       + ([f"--pretrained-weight {args.pretrained_weight:g}"] if args.pretrained_weight else []))
+                       + ([f"--pretrained-weight {args.pretrained_weight:g}"] if args.pretrained_weight else [])
+                       + ([f"--hubness {args.hubness}"] if args.hubness else []))
     dst = Path(args.assets) / "default"
     ckpt = load_checkpoint(args.checkpoint)
     if args.pretrained_weight:  # in float32, before the fp16 copy
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         if "student.vocab_mix" not in ckpt["model"]:
             raise SystemExit(f"error: --vocab-mix: {args.checkpoint} has no vocabulary head (student.vocab_topk)")
         ckpt["model"]["student.vocab_mix"] = torch.tensor(args.vocab_mix, dtype=ckpt["model"]["student.vocab_mix"].dtype)
+    if args.hubness:
+        ckpt["hubness_default"] = args.hubness == "on"
     seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
     add_reference(ckpt, seg)
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
