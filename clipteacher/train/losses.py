@@ -162,7 +162,7 @@ def vocab_head_loss(logits: torch.Tensor, dense: torch.Tensor, text: torch.Tenso
 
 def anchor_loss(logits: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """KL(anchor || student) between two ImageNet softmaxes on the same cells (learning without forgetting, beyond the
-    paper: docs/METHOD.md#anchor): the frozen pretrained classifier's and the vocabulary head's, which segmentation
+    paper: docs/METHOD.md#anchor-learning-without-forgetting): the frozen pretrained classifier's and the vocabulary head's, which segmentation
     training moves. Unlike `vocab_head_loss`, the target is the classifier's own sharp ImageNet distribution, not
     the teacher's name cosines, and no teacher token is needed (it holds on every crop, cached teacher or not).
 

@@ -116,6 +116,14 @@ def weights(cfg: dict) -> str:
     return ", ".join(f"{Path(root).name} {w:g}" for root, w in sources)
 
 
+def head_losses(cfg: dict) -> str:
+    """The vocabulary head's own loss terms of the last run, for the card ('' without the head)."""
+    if not cfg["student"].get("vocab_topk"):
+        return ""
+    return (f", vocabulary-head KL to the teacher {cfg['loss'].get('vocab_head_weight', 0.0):g}, "
+            f"anchor {cfg['loss'].get('anchor_weight', 0.0):g}")
+
+
 def card(path: Path, ckpt: dict, scores: dict, seconds: float | None, command: str, note: str = "") -> str:
     cfg = ckpt["config"]
     size_mb = (path / WEIGHTS).stat().st_size / 2**20
@@ -140,7 +148,7 @@ Load it with `Segmenter.from_pretrained("assets/default")` or export it with
   images left out); sampling weights {weights(cfg)}; {ckpt['step']} iterations of
   batch {cfg['train']['batch_size']}, crop {cfg['data']['crop_size']}; {hours}.{(' ' + note) if note else ''}
 - **Losses**: NEL (seen-class labels), GLM {cfg['loss']['glm_weight']:g}, PLM {cfg['loss']['ce_weight']:g} / {cfg['loss']['gen_weight']:g},
-  dense distillation {cfg['loss'].get('dense_weight', 0.0):g}, vocabulary distillation {cfg['loss'].get('vocab_weight', 0.0):g}
+  dense distillation {cfg['loss'].get('dense_weight', 0.0):g}, vocabulary distillation {cfg['loss'].get('vocab_weight', 0.0):g}{head_losses(cfg)}
   (docs/METHOD.md).
 - **Vocabulary** ({len(ckpt['vocabulary'])} names, the union of both datasets): {", ".join(ckpt['vocabulary'])}.
   Any other typed name is outside the vocabulary and gets the unseen bias gamma.
