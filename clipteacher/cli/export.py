@@ -11,7 +11,7 @@ and checks every config.pbtxt against its ONNX graph (with tritonclient's model-
 installed).
 
 --int8 calibrates on the checkpoint's training split by default (random images when it is not on
-this machine; bundle.json's notes say which) and keeps all but two head layers in fp32
+this machine; bundle.json's notes say which) and quantises only the head's stride-4 embed convolution (the rest stays fp32)
 (docs/DESIGN.md#int8-student).
 
 Bad input (missing or foreign checkpoint, existing output folder, unknown teacher kind,
