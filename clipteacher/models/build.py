@@ -1,7 +1,6 @@
 """Which network a config trains and serves: the student, or ZegCLIP / TagCLIP (`Config.method`)."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from clipteacher.config import Config, from_dict

@@ -108,7 +108,7 @@ def vocab_distill_loss(feats: torch.Tensor, dense: torch.Tensor, text: torch.Ten
     t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
     log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)  # KL(t || s), mean over rows
 
 
 def nel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, focal_weight: float,
@@ -157,7 +157,7 @@ def vocab_head_loss(logits: torch.Tensor, dense: torch.Tensor, text: torch.Tenso
     log_ps = F.log_softmax(student.permute(0, 2, 3, 1)[keep], dim=-1)  # N x 1000
     t = (dense / norm.clamp(min=1e-6)[:, None]).permute(0, 2, 3, 1)[keep]
     log_pt = F.log_softmax(t @ text.T / temperature, dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)  # KL(t || s), mean over rows
 
 
 def anchor_loss(logits: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,11 +167,12 @@ def anchor_loss(logits: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor 
     the teacher's name cosines, and no teacher token is needed (it holds on every crop, cached teacher or not).
 
     logits, anchor: B x h x w x 1000 (stride 32); valid: B x H x W bool (False on padding), pooled to the grid."""
-    keep = torch.ones(logits.shape[:3], dtype=torch.bool, device=logits.device)
-    if valid is not None:
+    if valid is None:
+        keep = torch.ones(logits.shape[:3], dtype=torch.bool, device=logits.device)
+    else:
         keep = F.adaptive_avg_pool2d(valid[:, None].float(), logits.shape[1:3])[:, 0] > 0.5
     if not keep.any():
         return logits.sum() * 0.0
     log_ps = F.log_softmax(logits.float()[keep], dim=-1)  # N x 1000
     log_pt = F.log_softmax(anchor.float()[keep], dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)  # KL(t || s), mean over rows

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.checkpoint)
     if args.pretrained_weight:  # in float32, before the fp16 copy
         try:
-            ckpt = interpolate_pretrained(inference_copy(ckpt), args.pretrained_weight)
+            ckpt = interpolate_pretrained(ckpt, args.pretrained_weight)
         except ValueError as err:
             raise SystemExit(f"error: --pretrained-weight: {err}") from None
     ckpt = inference_copy(ckpt, args.gamma, half=True)
