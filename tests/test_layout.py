@@ -171,3 +171,12 @@ def test_repository_paths_named_in_scripts_exist():
             if not path.exists():
                 missing.append(f"{script.relative_to(ROOT)}: {path.relative_to(ROOT)}")
     assert not missing, missing
+
+
+def test_docs_hold_no_control_characters():
+    """LaTeX written through a non-raw Python string loses its backslashes: '\\text' becomes a tab and 'ext',
+    '\\big' a backspace and 'ig' (docs/METHOD.md's anchor formula did)."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "assets").rglob("README.md"))]
+    offenders = [f"{f.relative_to(ROOT)}:{i}" for f in files
+                 for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"[\x00-\x08\x0b-\x1f\x7f]", line)]
+    assert not offenders, offenders
