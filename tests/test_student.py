@@ -79,6 +79,7 @@ def test_a_backbone_without_an_imagenet_classifier_is_one_line():
     ({"student": {"vocab_topk": -1}}, "vocab_topk"),
     ({"student": {"vocab_topk": 1001}}, "vocab_topk"),
     ({"method": "zegclip", "teacher": {"kind": "clip"}, "student": {"vocab_topk": 5}}, "no student"),
+    ({"student": {"vocab_branch": True}}, "vocab_branch"),
 ])
 def test_bad_vocab_head_settings_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -102,7 +103,8 @@ def test_training_fills_the_bank_from_the_teacher_and_saves_it(tiny_data, tmp_pa
     assert torch.allclose(bank[pick], want, atol=1e-5)
 
 
-def test_vocab_head_bundle_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("branch", [False, True])
+def test_vocab_head_bundle_matches_pytorch(tmp_path, branch):
     import onnxruntime as ort
 
     from clipteacher.config import Config
@@ -112,6 +114,7 @@ def test_vocab_head_bundle_matches_pytorch(tmp_path):
     cfg = Config()
     cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
     cfg.student.pretrained, cfg.student.head_dim, cfg.student.vocab_topk, cfg.data.eval_size = False, 16, 5, 64
+    cfg.student.vocab_branch = branch
     teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
     export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
     student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
@@ -460,3 +463,82 @@ def test_pretrained_interpolation_refuses_what_it_cannot_do(values, weight):
     cfg = from_dict(values)
     with pytest.raises(ValueError, match="pretrained interpolation"):
         interpolate_pretrained({"config": cfg.to_dict(), "model": {}, "embed_dim": D}, weight)
+
+
+def branch_student(branch: bool) -> Student:
+    torch.manual_seed(0)
+    cfg = StudentConfig(pretrained=False, head_dim=16, vocab_topk=3, vocab_branch=branch)
+    student = Student(cfg, D)
+    student.set_bank(torch.nn.functional.normalize(torch.randn(1000, D), dim=1))
+    return student
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_with_the_branch_the_shared_stride_32_blocks_no_longer_reach_the_classifier(branch):
+    """Changing the backbone's stride-32 blocks changes the MLP feature either way, and the ImageNet logits only
+    without the branch; a change before stride 16 reaches both."""
+    student = branch_student(branch).eval()
+    x = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        out, _, logits = student.parts(x)
+        for p in student.backbone.blocks[5:].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        out2, _, logits2 = student.parts(x)
+        for p in student.backbone.blocks[4].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        out3, _, logits3 = student.parts(x)
+    assert logits.shape == (2, 3, 2, 1000)
+    assert not torch.allclose(out, out2) and not torch.allclose(out2, out3) and not torch.allclose(logits2, logits3)
+    assert torch.equal(logits, logits2) == branch
+
+
+def test_the_branch_is_frozen_in_eval_mode_and_left_out_of_the_optimiser():
+    student = branch_student(True).train()
+    branch = student.vocab.branch
+    assert not branch.training and student.vocab.features.training and student.backbone.training
+    assert not any(p.requires_grad for p in branch.parameters())
+    groups = student.param_groups(1e-3, 0.1, 0.0)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert not ids & {id(p) for p in branch.parameters()}
+    assert {id(p) for p in student.vocab.classifier.parameters()} <= ids
+    before = {k: v.clone() for k, v in branch.state_dict().items()}
+    student(torch.rand(2, 3, 64, 64)).sum().backward()  # a train-mode pass: BatchNorm would update its statistics
+    assert all(torch.equal(v, before[k]) for k, v in branch.state_dict().items())
+    assert all(p.grad is None for p in branch.parameters())
+    assert student.backbone.blocks[4][0].conv_pw.weight.grad is not None  # the gradient passes through it
+
+
+def test_adding_the_branch_to_a_checkpoint_keeps_every_trained_tensor_and_loads_strictly():
+    """The branch comes from the weights the student is built with (packaged ImageNet weights), not from the
+    checkpoint's trained stride-32 blocks."""
+    from clipteacher.models.build import add_vocabulary_branch
+
+    cfg = from_dict({"student": {"head_dim": 16, "vocab_topk": 3}})
+    built = Student(cfg.student, D).state_dict()
+    tuned = {f"student.{k}": v + 1.0 if v.is_floating_point() else v for k, v in built.items()}
+    ckpt = {"config": cfg.to_dict(), "model": tuned, "embed_dim": D}
+    out = add_vocabulary_branch(ckpt)
+    assert not ckpt["config"]["student"]["vocab_branch"] and ckpt["model"] is tuned  # not mutated
+    assert from_dict(out["config"]).student.vocab_branch
+    assert all(torch.equal(out["model"][k], v) for k, v in tuned.items())
+    student = Student(from_dict(out["config"]).student, D)
+    student.load_state_dict({k.removeprefix("student."): v for k, v in out["model"].items()})  # strict
+    new = [k for k in out["model"] if k not in tuned]
+    assert new and all(k.startswith("student.vocab.branch.") for k in new)
+    assert {k.split(".")[3] for k in new} == {"5", "6"}  # EfficientNet-Lite0's stride-32 blocks, indices kept
+    for k in new:  # the packaged blocks, where the trained backbone's copy was moved by +1
+        assert torch.equal(out["model"][k], built[k.replace("student.vocab.branch.", "backbone.blocks.")]), k
+    with pytest.raises(ValueError, match="already"):
+        add_vocabulary_branch(out)
+    with pytest.raises(ValueError, match="vocabulary head"):
+        add_vocabulary_branch({"config": from_dict({}).to_dict(), "model": {}, "embed_dim": D})
+
+
+def test_the_anchor_reads_the_stage_the_branch_reads():
+    from clipteacher.train.distill import ImageNetAnchor
+
+    student = branch_student(True).eval()
+    anchor = ImageNetAnchor(student)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(anchor(x), student.parts(x)[2])

@@ -1,6 +1,8 @@
 """Which network a config trains and serves: the student, or ZegCLIP / TagCLIP (`Config.method`)."""
 from __future__ import annotations
 
+import copy
+
 import torch.nn as nn
 
 from clipteacher.config import Config, from_dict
@@ -53,3 +55,22 @@ def interpolate_pretrained(ckpt: dict, weight: float) -> dict:
             mixed = (1 - weight) * tuned.float() + weight * pre.float()
             model[f"student.{key}"] = mixed.to(tuned.dtype)
     return {**ckpt, "model": model}
+
+
+def add_vocabulary_branch(ckpt: dict) -> dict:
+    """A checkpoint of a student with the vocabulary head -> the same student with `student.vocab_branch`: the head
+    reads its own pretrained copy of the stride-32 blocks (docs/METHOD.md#vocabulary-branch), taken from the packaged
+    ImageNet weights; every trained tensor stays as it is. Returns a new checkpoint dict; `ckpt` is not changed."""
+    cfg = from_dict(ckpt["config"])
+    if cfg.method == "zegclip" or not cfg.student.vocab_topk or not cfg.student.pretrained:
+        raise ValueError("the vocabulary branch needs a student with the vocabulary head (student.vocab_topk) and "
+                         "pretrained weights (student.pretrained)")
+    if cfg.student.vocab_branch:
+        raise ValueError("this checkpoint's student has the vocabulary branch already")
+    config = copy.deepcopy(ckpt["config"])
+    config.setdefault("student", {})["vocab_branch"] = True
+    branch = Student(from_dict(config).student, ckpt["embed_dim"]).vocab.branch.state_dict()
+    model = dict(ckpt["model"])
+    dtype = ckpt["model"]["student.vocab.features.0.weight"].dtype
+    model.update({f"student.vocab.branch.{k}": v.to(dtype) if v.is_floating_point() else v for k, v in branch.items()})
+    return {**ckpt, "config": config, "model": model}

@@ -106,10 +106,16 @@ class VocabularyHead(nn.Module):
     name is a hub unless the bank makes it one; and the ImageNet training of the backbone (1.3 M labelled
     images) reaches the student's vocabulary, which a pool of one unlabelled image per class cannot give.
 
-    Input: B x C x H/32 x W/32 (the backbone's last stage). Output: B x D x H/32 x W/32, unit vectors.
+    Input: B x C x H/32 x W/32 (the backbone's last stage), or with `branch` B x C' x H/16 x W/16 (its stride-16
+    stage). Output: B x D x H/32 x W/32, unit vectors.
+
+    branch: the head runs its own copy of the backbone's stride-32 blocks, pretrained and frozen (always in eval
+    mode), from the shared stride-16 features (docs/METHOD.md#vocabulary-branch). Segmentation training moves the
+    shared stride-32 stages most; with the branch it no longer moves the classifier's input there, at the cost of
+    those blocks computed twice per image.
     """
 
-    def __init__(self, backbone: str, pretrained: bool, embed_dim: int, topk: int):
+    def __init__(self, backbone: str, pretrained: bool, embed_dim: int, topk: int, branch: bool = False):
         super().__init__()
         full = packaged_classifier(backbone) if pretrained else None
         if full is None:
@@ -117,6 +123,12 @@ class VocabularyHead(nn.Module):
         if not (hasattr(full, "conv_head") and hasattr(full, "bn2")) or full.num_classes != 1000:
             raise ValueError(f"student.vocab_topk needs a timm EfficientNet ImageNet-1k classifier as the backbone, "
                              f"got '{backbone}'")
+        self.branch = None
+        if branch:
+            # the blocks after the last stride-16 one (EfficientNet-Lite0: blocks 5 and 6)
+            last16 = max(int(f["module"].split(".")[1]) for f in full.feature_info if f["reduction"] == 16)
+            self.branch = full.blocks[last16 + 1 :]
+            self.branch.requires_grad_(False)
         self.features = nn.Sequential(full.conv_head, full.bn2)
         self.classifier = full.get_classifier()
         self.topk = int(topk)
@@ -124,11 +136,24 @@ class VocabularyHead(nn.Module):
         # then saved with the weights (the exported graph holds it as a constant).
         self.register_buffer("bank", torch.zeros(full.num_classes, embed_dim))
 
+    @property
+    def reads(self) -> int:
+        """Which of the student's stride stages (4, 8, 16, 32) the head reads: -2 (stride 16) with the branch."""
+        return -1 if self.branch is None else -2
+
+    def train(self, mode: bool = True) -> "VocabularyHead":
+        super().train(mode)
+        if self.branch is not None:
+            self.branch.train(False)  # frozen: its BatchNorm statistics stay the pretrained ones
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.classify(x))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """B x C x h x w -> B x h x w x 1000 ImageNet logits."""
+        """B x C x h x w (the stage `reads` picks) -> B x H/32 x W/32 x 1000 ImageNet logits."""
+        if self.branch is not None:
+            x = self.branch(x)
         return self.classifier(self.features(x).permute(0, 2, 3, 1))
 
     def mix(self, logits: torch.Tensor) -> torch.Tensor:
@@ -188,7 +213,7 @@ class Student(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.vocab = None
         if cfg.vocab_topk > 0:
-            self.vocab = VocabularyHead(cfg.backbone, cfg.pretrained, embed_dim, cfg.vocab_topk)
+            self.vocab = VocabularyHead(cfg.backbone, cfg.pretrained, embed_dim, cfg.vocab_topk, cfg.vocab_branch)
             self.vocab_mix = nn.Parameter(torch.tensor(float(cfg.vocab_mix)))
         self.vocab_gate = None
         if cfg.vocab_gate:
@@ -211,7 +236,7 @@ class Student(nn.Module):
         out = self.head([feats[i] for i in self.stages])
         if self.vocab is None:
             return out, None, None
-        logits = self.vocab.classify(feats[self.stages[-1]])
+        logits = self.vocab.classify(feats[self.stages[self.vocab.reads]])
         return out, self.vocab.mix(logits), logits
 
     def forward_with_names(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,7 +323,7 @@ class Student(nn.Module):
         pretrained = list(self.backbone.parameters())  # the vocabulary head's classifier is pretrained too
         head = list(self.head.parameters())
         if self.vocab is not None:
-            pretrained += list(self.vocab.parameters())
+            pretrained += [p for p in self.vocab.parameters() if p.requires_grad]  # not the frozen branch
             head.append(self.vocab_mix)
         groups = [
             {"params": pretrained, "lr": lr * backbone_mult, "weight_decay": weight_decay},

@@ -80,7 +80,7 @@ class ImageNetAnchor(nn.Module):
         super().__init__()
         self.backbone = copy.deepcopy(student.backbone)
         self.classifier = copy.deepcopy(student.vocab)
-        self.stage = student.stages[-1]
+        self.stage = student.stages[student.vocab.reads]
         self.register_buffer("mean", student.mean.clone(), persistent=False)
         self.register_buffer("std", student.std.clone(), persistent=False)
         self.requires_grad_(False)

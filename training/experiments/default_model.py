@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 from clipteacher.io import read_image_file
 from clipteacher.predictor import Segmenter
 from clipteacher.pseudo.vis import overlay, region_palette
-from clipteacher.models.build import interpolate_pretrained
-from clipteacher.checkpoint import CARD, WEIGHTS, inference_copy, load_checkpoint, save_model_folder
+from clipteacher.models.build import add_vocabulary_branch, interpolate_pretrained
+from clipteacher.checkpoint import CARD, WEIGHTS, inference_copy, load_checkpoint, save_checkpoint, save_model_folder
 from clipteacher.train.datasets import build_dataset
 from clipteacher.train.gamma import sweep_gamma
 from training.experiments.runner import fmt, write_section
@@ -193,21 +193,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="interpolate the backbone and the vocabulary head's classifier this far back towards "
                              "their pretrained ImageNet weights (WiSE-FT; 0 = as trained), e.g. a value chosen on val "
                              "and the probe")
+    parser.add_argument("--vocab-branch", action="store_true",
+                        help="give the vocabulary head its own pretrained copy of the stride-32 blocks before "
+                             "interpolating (student.vocab_branch, docs/METHOD.md#vocabulary-branch)")
     parser.add_argument("--hubness", choices=["on", "off"],
                         help="whether bundles of the model serve the hubness correction by default, chosen on the probe "
                              "(default: the global default, clipteacher.runtime.bundle.HUBNESS_DEFAULT)")
     parser.add_argument("--train-hours", type=float, help="wall-clock training time, for the card and table")
     parser.add_argument("--note", default="", help="a sentence about the run for the card (e.g. a changed schedule)")
+    parser.add_argument("--write-checkpoint", metavar="PATH",
+                        help="only write the checkpoint as it would ship (with the options above) to PATH, for "
+                             "`training.experiments.probe` and `training/evaluate.py`; nothing is scored or shipped")
     parser.add_argument("--assets", default="assets")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     command = " ".join(["python -m training.experiments.default_model", f"--checkpoint {args.checkpoint}"]
                        + [f"--previous {p}" for p in args.previous]
+                       + (["--vocab-branch"] if args.vocab_branch else [])
                        + ([f"--vocab-mix {args.vocab_mix:g}"] if args.vocab_mix is not None else [])
                        + ([f"--pretrained-weight {args.pretrained_weight:g}"] if args.pretrained_weight else [])
                        + ([f"--hubness {args.hubness}"] if args.hubness else []))
     dst = Path(args.assets) / "default"
     ckpt = load_checkpoint(args.checkpoint)
+    if args.vocab_branch:  # before the interpolation, which leaves the (pretrained) branch as it is
+        try:
+            ckpt = add_vocabulary_branch(ckpt)
+        except ValueError as err:
+            raise SystemExit(f"error: --vocab-branch: {err}") from None
     if args.pretrained_weight:  # in float32, before the fp16 copy
         try:
             ckpt = interpolate_pretrained(ckpt, args.pretrained_weight)
@@ -220,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         ckpt["model"]["student.vocab_mix"] = torch.tensor(args.vocab_mix, dtype=ckpt["model"]["student.vocab_mix"].dtype)
     if args.hubness:
         ckpt["hubness_default"] = args.hubness == "on"
+    if args.write_checkpoint:
+        save_checkpoint(ckpt, args.write_checkpoint)
+        print(f"wrote {args.write_checkpoint} ({command})")
+        return
     seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
     add_reference(ckpt, seg)
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
