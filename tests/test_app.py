@@ -523,3 +523,131 @@ def test_default_bundle_segments_an_example():
     image, _ = svc.load_image(ui.examples_dir() / "farm.jpg")
     seg = service.segment(image, "building, grass, tree, cow, sky")
     assert len(seg.shares) >= 2
+
+
+# ---------------------------------------------------------------------------- a Ray Serve deployment as the backend
+
+
+class FakeReplica:
+    """The Serve replica's request path (clipteacher.serve.api and clipteacher.batch, as ray_serve.Segmenter runs
+    them) behind a stdlib HTTP server, without Ray; `mode` makes it misbehave. tests/test_scale.py runs the real
+    deployment."""
+
+    def __init__(self, bundle):
+        import http.server
+        import threading
+
+        from clipteacher.batch import encode_outputs, student_passes
+        from clipteacher.serve import api
+
+        replica, self.mode, self.calls = self, "ok", 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply(200, json.dumps({"bundle": bundle.folder.name, "provider": bundle.provider,
+                                            "vocabulary": bundle.vocabulary, "gamma": bundle.gamma}).encode())
+
+            def do_POST(self):
+                replica.calls += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if replica.mode == "garbage":
+                    return self.reply(200, b"<html>not the API</html>")
+                if replica.mode == "crash":
+                    return self.reply(500, b'{"error": "internal error (RuntimeError)"}')
+                try:
+                    job = api.parse_request(body)
+                    if replica.mode == "small":  # decodes to another size than the app (another version)
+                        job.image = np.ascontiguousarray(job.image[::2, ::2])
+                    feats = student_passes(bundle, [job.image])[0]
+                    enc = encode_outputs(bundle, job.image, job.notes, feats, job.names, job.gamma, job.templates)
+                    out = api.answer(job, enc, 0.0) | {"replica": "fake-1"}
+                    if replica.mode == "torn":  # a reply whose mask does not fit its own size fields
+                        out["height"] = out["height"] // 2
+                    self.reply(200, json.dumps(out).encode())
+                except Exception as err:  # noqa: BLE001
+                    status, payload = api.error_body(err)
+                    self.reply(status, json.dumps(payload).encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/segment"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def replica(bundle_dir):
+    fake = FakeReplica(Bundle(bundle_dir, verbose=False))
+    yield fake
+    fake.server.shutdown()
+
+
+def test_the_segment_view_runs_on_a_serve_backend_and_draws_the_same_answer(bundle_dir, replica, files, handlers):
+    from clipteacher.serve.client import ServeClient
+
+    remote = Handlers(svc.Service(Bundle(bundle_dir, verbose=False), backend=ServeClient(replica.url)))
+    before = replica.calls
+    for name, names, gamma in [("rgb.png", "sky, grass, zebra", 1.0), ("huge.jpg", "cow, lamp", None)]:
+        got = guarded(remote.segment)(str(files / name), names, "", gamma)
+        want = guarded(handlers.segment)(str(files / name), names, "", gamma)
+        with Image.open(got[3]) as a, Image.open(want[3]) as b:  # the mask PNGs: same labels, names, palette
+            assert a.size == b.size and a.info["classes"] == b.info["classes"] and a.getpalette() == b.getpalette()
+            assert float((np.asarray(a) == np.asarray(b)).mean()) > 0.99
+        assert got[2].keys() == want[2].keys() and "Serve replica fake-1" in got[4]
+    assert replica.calls == before + 2
+    assert remote.info()["backend"] == replica.url
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("crash", "backend failed (internal error (RuntimeError)); try again"),
+    ("garbage", "did not answer with JSON"),
+    ("small", "decoded the image or the names differently"),
+    ("torn", "does not match its own mask"),
+])
+def test_a_misbehaving_backend_is_one_line(bundle_dir, replica, files, mode, message):
+    from clipteacher.serve.client import ServeClient
+
+    remote = Handlers(svc.Service(Bundle(bundle_dir, verbose=False), backend=ServeClient(replica.url)))
+    replica.mode = mode
+    try:
+        with pytest.raises(gr.Error) as err:
+            guarded(remote.segment)(str(files / "rgb.png"), "sky, cow", "", None)
+    finally:
+        replica.mode = "ok"
+    assert message in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_the_backend_refusal_comes_through_as_its_own_line(bundle_dir, replica):
+    """A 4xx from the backend is its message as it wrote it (here: names the app would also refuse, sent
+    past the app's own check)."""
+    from clipteacher.serve.client import BackendError, ServeClient
+
+    with pytest.raises(BackendError, match="^Type at least one class name"):
+        ServeClient(replica.url).segment((ROOT / "clipteacher/app/examples/farm.jpg").read_bytes(), " , ")
+
+
+def test_bad_input_fails_before_any_round_trip(bundle_dir, replica, files):
+    from clipteacher.serve.client import ServeClient
+
+    service = svc.Service(Bundle(bundle_dir, verbose=False), backend=ServeClient(replica.url))
+    image, _ = svc.load_image(files / "rgb.png")
+    before = replica.calls
+    for names, templates, gamma in [("", None, None), ("cow", "{0.__class__}", None), ("cow", None, "nan")]:
+        with pytest.raises(svc.UserError):
+            service.segment_remote(image, (files / "rgb.png").read_bytes(), names, templates, gamma)
+    assert replica.calls == before
+
+
+@pytest.mark.parametrize("url, message", [("http://127.0.0.1:{port}/segment", "did not answer"),
+                                          ("ftp://x/segment", "must be an http(s):// URL")])
+def test_an_unusable_backend_stops_the_app_in_one_line(bundle_dir, capsys, url, message):
+    code = app_run.main(["--bundle", str(bundle_dir), "--backend", url.format(port=free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --backend: ") and message in err and err.count("\n") == 1

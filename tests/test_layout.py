@@ -16,7 +16,7 @@ from helpers import ROOT
 
 TORCH_FREE = ["clipteacher", "clipteacher.io", "clipteacher.request", "clipteacher.runtime.resolve", "clipteacher.pseudo", "clipteacher.pseudo.vis", "clipteacher.runtime",
               "clipteacher.runtime.clip_tokenizer", "clipteacher.app.service", "clipteacher.app.ui",
-              "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict", "clipteacher.serve.api",
+              "clipteacher.cli.app", "clipteacher.batch", "clipteacher.cli.predict", "clipteacher.serve.api", "clipteacher.serve.client",
               "clipteacher.export.triton"]
 SCRIPTS = {"clipteacher-train": "train", "clipteacher-eval": "evaluate", "clipteacher-pseudo": "pseudo_labels",
            "clipteacher-export": "export", "clipteacher-app": "app", "clipteacher-predict": "predict"}

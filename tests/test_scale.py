@@ -185,6 +185,30 @@ def test_both_replicas_answer_and_answers_never_mix(serve_url, bundle_dir):
     assert all(check(bundle, seed, r) for seed, r in enumerate(replies))  # 0 mixed-up answers
 
 
+def test_the_app_front_end_shares_the_replicas(serve_url, bundle_dir, tmp_path):
+    """clipteacher-app --backend: the Segment view's requests are answered by the deployment's replicas, each with
+    the labels this process computes for the same image and names (concurrent, so a mix-up would show)."""
+    from clipteacher.app import service as svc
+    from clipteacher.serve.client import ServeClient
+
+    bundle = Bundle(bundle_dir, verbose=False)
+    service = svc.Service(bundle, backend=ServeClient(serve_url, timeout=120))
+    assert service.backend_info["vocabulary"] == bundle.vocabulary
+
+    def one(seed: int) -> tuple[bool, str]:
+        path = tmp_path / f"{seed}.png"
+        Image.fromarray(picture(seed)).save(path)
+        image, _ = svc.load_image(path)
+        names = NAMES[seed % 3: seed % 3 + 3]
+        seg = service.segment_remote(image, path.read_bytes(), ", ".join(names))
+        same = seg.names == names and float((seg.labels == bundle.segment(picture(seed), names)).mean()) > 0.99
+        return same, seg.replica
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(300, 316)))
+    assert all(same for same, _ in results) and all(replica for _, replica in results)  # which: Serve's choice
+
+
 def test_errors_are_one_line_and_the_replicas_keep_serving(serve_url):
     info = httpx.get(serve_url, timeout=60).json()
     assert info["provider"] == "CPUExecutionProvider" and "sky" in info["vocabulary"]

@@ -45,7 +45,7 @@ YIELD_SECONDS = 2.0  # longest a video frame waits for interactive requests to f
 class Segmentation:
     names: list[str]  # C class names as used (cleaned, deduplicated)
     labels: np.ndarray  # H x W int64 indices into names
-    logits: np.ndarray  # C x h x w float32 (feature resolution)
+    logits: np.ndarray | None  # C x h x w float32 (feature resolution); None when a backend computed the labels
     shares: dict[str, float]  # share of pixels per present class, largest first
     colors: np.ndarray  # C x 3 uint8, the legend's and the mask PNG's palette
     seconds: float
@@ -53,6 +53,7 @@ class Segmentation:
     gamma: float  # the unseen bias applied
     unseen: list[str]  # the names outside the training vocabulary (they got +gamma)
     notes: list[str] = field(default_factory=list)
+    replica: str | None = None  # the Serve replica that answered, when the request went to a backend
 
 
 @dataclass
@@ -116,9 +117,12 @@ class Service:
     """The app's computations on one `clipteacher.runtime.Bundle`. Thread-safe; keeps the model
     outputs of the last CACHE_IMAGES images. `passes` counts image passes per graph."""
 
-    def __init__(self, bundle, cache_images: int = CACHE_IMAGES, others: dict | None = None):
-        """others: label -> Service of another bundle (a ZegCLIP/TagCLIP or another student) shown in Compare."""
+    def __init__(self, bundle, cache_images: int = CACHE_IMAGES, others: dict | None = None, backend=None):
+        """others: label -> Service of another bundle (a ZegCLIP/TagCLIP or another student) shown in Compare.
+        backend: a `clipteacher.serve.client.ServeClient`; `segment_remote` sends requests there."""
         self.bundle = bundle
+        self.backend = backend
+        self.backend_info = backend.info() if backend is not None else None
         self.others = dict(others or {})
         self.cache_images = cache_images
         self.passes: Counter = Counter()
@@ -205,6 +209,24 @@ class Service:
             raise UserError(str(err)) from None
         return Segmentation(names, labels, logits, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
                             time.perf_counter() - start, cached, gamma, unseen, notes)
+
+    def segment_remote(self, image: np.ndarray, data: bytes, names_text: str, templates_text: str | None = None,
+                       gamma: float | None = None) -> Segmentation:
+        """`segment` computed by the Serve deployment (`backend`): `data` is the file `image` was decoded from,
+        sent as it is (the replica decodes it by the same rules, so the labels come back at image's size)."""
+        start = time.perf_counter()
+        names, notes = parse_names(names_text)  # bad input fails here, without a round trip
+        parse_templates(templates_text)
+        gamma = parse_gamma(gamma)
+        labels, reply = self.backend.segment(data, names_text, gamma, templates_text)
+        if labels.shape != image.shape[:2] or reply["classes"] != names:
+            raise UserError("The segmentation backend decoded the image or the names differently from this app "
+                            "(another clipteacher version?).")
+        info = self.backend_info
+        unseen = [n for n, out in zip(names, outside_vocabulary(names, info["vocabulary"])) if out]
+        return Segmentation(names, labels, None, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
+                            time.perf_counter() - start, False, info.get("gamma", 0.0) if gamma is None else gamma,
+                            unseen, notes, str(reply.get("replica", "")))
 
     def compare(self, image: np.ndarray, names_text: str, templates_text: str | None = None,
                 gamma: float | None = None) -> Comparison:
@@ -328,6 +350,7 @@ class Service:
                 "precision": b.precision,
                 "vocabulary": list(b.vocabulary), "gamma": b.gamma, "templates": list(b.templates),
                 "eval_size": b.eval_size, "teacher": b.teacher_kind,
-                "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name}
+                "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name} \
+            | ({"backend": self.backend.url, "backend_bundle": self.backend_info.get("bundle")} if self.backend else {})
 
 

@@ -213,15 +213,19 @@ class Handlers:
         result (not the input again, nor an image per class); the mask PNG is fetched on a click."""
         start = time.perf_counter()
         picture = self._image(image)
-        seg = self.service.segment(picture, names, templates, gamma)
+        if self.service.backend is not None:  # the Serve deployment computes; this process draws
+            seg = self.service.segment_remote(picture, Path(str(image)).read_bytes(), names, templates, gamma)
+        else:
+            seg = self.service.segment(picture, names, templates, gamma)
         warn(seg.notes)
         folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
         overlay = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, svc.OVERLAY_OPACITY, seg.colors),
                                 folder / f"{stem}_overlay.jpg")
         mask = svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png")
+        where = (f"Serve replica {seg.replica[:8]}" if seg.replica is not None
+                 else self.service.bundle.provider.replace('ExecutionProvider', ''))
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
-                  f"{self.service.bundle.provider.replace('ExecutionProvider', '')} · {len(seg.names)} classes, "
-                  f"{len(seg.shares)} present")
+                  f"{where} · {len(seg.names)} classes, {len(seg.shares)} present")
         if seg.unseen:
             status += f"  \nOutside the training vocabulary (+γ = {seg.gamma:g}): {', '.join(seg.unseen[:20])}"
             status += " ..." if len(seg.unseen) > 20 else ""

@@ -1,7 +1,7 @@
 """Serve the Gradio app on an exported bundle (onnxruntime; this process never imports torch).
 
     clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
-                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB]
+                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB] [--backend URL]
 
 Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from the model folder assets/default by
 `clipteacher-export` in a subprocess when missing or made from another checkpoint (the export needs
@@ -14,6 +14,11 @@ Serving: up to --concurrency model requests run at once (default: the cores, at 
 onnxruntime session using --threads intra-op threads (default: cores / concurrency, so concurrent
 requests do not oversubscribe the CPU); up to --queue more wait, and beyond that a request is
 answered "busy, try again" (HTTP 503) at once instead of waiting without bound.
+
+--backend http://HEAD:8000/segment (or CLIPTEACHER_BACKEND): the Segment view and the `segment` API send their
+requests to that Ray Serve deployment (clipteacher/serve/ray_serve.py), so browser users share its replicas with
+API users; this process decodes the upload, checks the names and draws the result. The other views (Compare,
+Attention, pseudo labels, Live) still run on the local bundle.
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                              "view also runs, with its image pass's time; repeat for several")
     parser.add_argument("--long-jobs", type=int, default=env("CLIPTEACHER_LONG_JOBS", "1"),
                         help="videos computed at once, in slots of their own (default 1; more wait in the queue)")
+    parser.add_argument("--backend", default=env("CLIPTEACHER_BACKEND") or None, metavar="URL",
+                        help="a Ray Serve route (http://HEAD:8000/segment) that computes the Segment view's requests")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrency = args.concurrency or min(cores, 4)
@@ -91,7 +98,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
             return 2
         others[f"{other.model_name} ({other.folder.name})"] = Service(other)
-    service = Service(bundle, others=others)
+    backend = None
+    if args.backend:
+        from clipteacher.serve.client import BackendError, ServeClient
+
+        try:
+            backend = ServeClient(args.backend)
+            service = Service(bundle, others=others, backend=backend)  # asks the backend what it serves
+        except (ValueError, BackendError) as err:
+            print(f"error: --backend: {err}", file=sys.stderr)
+            return 2
+        remote = service.backend_info
+        logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", backend.url,
+                                                  remote.get("bundle"), remote.get("provider"))
+    else:
+        service = Service(bundle, others=others)
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))
