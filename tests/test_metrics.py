@@ -20,6 +20,20 @@ def test_confusion_and_summary_match_hand_example():
     assert abs(m["per_class"]["a"] - 100 / 3) < 1e-9
 
 
+def test_pixels_won_by_a_distractor_are_errors_of_their_class_and_no_class_of_the_means():
+    """Column 2 = any name outside the dataset (clipteacher-eval --distractors)."""
+    cm = ConfusionMatrix(3)
+    label = np.array([0, 0, 0, 0, 1, 1, 255])
+    pred = np.array([0, 0, 2, 2, 1, 0, 2])
+    cm.update(pred, label)
+    m = summarize(cm.matrix, ["a", "b"], [])
+    # a: TP 2, FN 2 (both to the distractor), FP 1 -> 2/5; b: TP 1, FN 1 -> 1/2; the distractor enters no mean
+    assert abs(m["per_class"]["a"] - 40) < 1e-9 and abs(m["per_class"]["b"] - 50) < 1e-9
+    assert abs(m["mIoU"] - 45) < 1e-9 and list(m["per_class"]) == ["a", "b"]
+    assert abs(m["pAcc"] - 3 / 6 * 100) < 1e-9 and abs(m["distractor_share"] - 2 / 6 * 100) < 1e-9
+    assert "distractor_share" not in summarize(cm.matrix[:2, :2], ["a", "b"], [])
+
+
 def test_accumulates_over_images_not_per_image_mean():
     cm = ConfusionMatrix(2)
     cm.update(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 1]))

@@ -162,6 +162,14 @@ def test_evaluate_cli_on_unseen_folder(tiny_data, tmp_path, capsys):
     code = evaluate.main(["--checkpoint", str(other / "dataset.json"), "--data", str(other)])
     assert code == 2 and "not a clipteacher checkpoint" in capsys.readouterr().err
 
+    # with distractor names: they can only take pixels from the dataset's classes
+    code = evaluate.main(["--checkpoint", str(tmp_path / "e" / "last.pt"), "--data", str(other), "--split", "val",
+                          "--out", str(out), "--distractors", "40"])
+    crowded = json.loads(out.read_text())
+    assert code == 0 and len(crowded["distractors"]) == 40 and not {"sky", "cat", "grass", "cow"} & set(crowded["distractors"])
+    assert 0 <= crowded["distractor_share"] <= 100 and crowded["pixels"] == result["pixels"]
+    assert crowded["pAcc"] <= result["pAcc"] + 1e-9
+
 
 def test_dense_distillation_term_is_logged_when_switched_on(tiny_data, tmp_path):
     train(tiny_config(tiny_data, tmp_path / "d", train={"iters": 1}, loss={"dense_weight": 1.0}), verbose=False)

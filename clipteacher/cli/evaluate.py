@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hubness", type=float, default=0.0, metavar="STRENGTH",
                         help="hubness correction as served (Bundle.hubness_bias): subtract STRENGTH x logit scale x "
                              "(name . mean reference feature); 0 = off (default); the app's strength is 1")
+    parser.add_argument("--distractors", type=int, default=0, metavar="N",
+                        help="also offer N ImageNet class names (fixed seed, none equal to a dataset class) that no "
+                             "pixel is labelled with: pixels they win are errors (what many typed names do to a "
+                             "model); reports distractor_share too")
     args = parser.parse_args(argv)
+    if not 0 <= args.distractors <= 900:
+        parser.error("--distractors must be in 0..900")
     try:
         from clipteacher.train.datasets import build_dataset
         from clipteacher.train.engine import evaluate, resolve_device
@@ -54,30 +60,44 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device, "--device")
         seg = Segmenter.from_checkpoint(args.checkpoint, device)
         classes = list(folder.info.classes)
+        names = classes + distractor_names(classes, args.distractors)
         gamma = seg.gamma if args.gamma is None else args.gamma
-        text = seg.text_embeddings(classes)
-        bias = unseen_bias(classes, seg.vocabulary, gamma)
+        text = seg.text_embeddings(names)
+        bias = unseen_bias(names, seg.vocabulary, gamma)
         if args.hubness:
             bias = bias + hubness_bias(seg, text, args.hubness)
         result = evaluate(seg.student, folder, text, bias,
                           seg.cfg.student.logit_scale, args.size or seg.cfg.data.eval_size, args.window, device=device,
-                          absent=args.absent, unseen=torch.tensor(outside_vocabulary(classes, seg.vocabulary)))
+                          absent=args.absent, unseen=torch.tensor(outside_vocabulary(names, seg.vocabulary)))
     except (DatasetError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
-                   "hubness": args.hubness,
+                   "hubness": args.hubness, "distractors": names[len(classes):],
                    "absent": args.absent, "seen_in_training": seg.vocabulary})
     out = Path(args.out) if args.out else default_output(Path(args.checkpoint), f"eval_{folder.info.name}_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}"
           + (f", hubness {args.hubness:g}" if args.hubness else "") + "): " + "  ".join(
-        f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU")))
+        f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
+        + (f"  with {args.distractors} distractor names: they won {result['distractor_share']:.2f}% of the pixels"
+           if args.distractors else ""))
     for name, iou in result["per_class"].items():
         tag = "unseen" if name in folder.info.unseen else "seen"
         print(f"  {name:20s} {tag:6s} " + ("  n/a" if iou is None else f"{iou:5.1f}"))
     print(f"wrote {out}")
     return 0
+
+
+def distractor_names(classes: list[str], n: int, seed: int = 0) -> list[str]:
+    """n ImageNet class names, drawn with a fixed seed, none equal to a class of the dataset (ignoring case)."""
+    import random
+
+    from clipteacher.models.teachers import imagenet_class_names
+
+    taken = {c.strip().lower() for c in classes}
+    pool = [name for name in dict.fromkeys(imagenet_class_names()) if name.strip().lower() not in taken]
+    return random.Random(seed).sample(pool, n)
 
 
 def hubness_bias(seg, text, strength: float):

@@ -144,15 +144,18 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
              limit: int = 0, absent: str = "mmseg", unseen: torch.Tensor | None = None) -> dict:
     """Accumulate one confusion matrix over the split (sharded over ranks, then summed) and summarise it.
 
-    text: C x D for the dataset's classes in index order; bias: C (gamma on classes outside the training vocabulary).
+    text: C x D for the dataset's classes in index order, then any distractor names (their pixels are errors,
+    `metrics.summarize`); bias: one per row of text (gamma on names outside the training vocabulary).
     Arguments as `image_logits`; absent: which classes enter the means (`metrics.summarize`).
     """
     device = device or torch.device("cpu")
     info = folder.info
-    cm = ConfusionMatrix(len(info.classes), info.ignore_index)
+    c = len(info.classes)
+    extra = int(text.shape[0] > c)
+    cm = ConfusionMatrix(c + extra, info.ignore_index)
     for logits, label in image_logits(student, folder, text, scale, bias, size, window, rank, world, device,
                                       progress, limit, unseen):
-        cm.update(logits.argmax(1)[0].cpu().numpy(), label)
+        cm.update(logits.argmax(1)[0].clamp(max=c).cpu().numpy(), label)  # every distractor is column c
     if world > 1:
         matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(matrix)
