@@ -10,6 +10,8 @@ Rows:
 For each: sequential new-image latency (p50), throughput at --clients concurrent clients, p95 under that
 load against 1.3 x (clients / throughput) (the fairness target), and server CPU time per request
 (the server processes' user + system time: the app's process; Serve's replicas and proxy).
+  - app>serve2: the app started with `--backend` in front of the two-replica deployment (its Segment requests
+    computed by the replicas; server CPU counts the app, the replicas and the proxy)
   - data xN: `clipteacher-predict --engine ray` with N actors on --data-images images: images/s over the
     whole run (actor start included) and over the rows after the first (steady state).
 """
@@ -77,22 +79,26 @@ def row(label: str, seq: list[float], lat: list[float], errors: int, wall: float
     return throughput
 
 
-def bench_app(args, images, bundle_dir) -> float:
+def bench_app(args, images, bundle_dir, label: str = "app", app_args: list[str] | None = None,
+              pids: list[int] | None = None) -> float:
+    """The app's row; app_args ["--backend", URL] puts it in front of a Serve deployment whose processes (`pids`)
+    are then counted in the server CPU too."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_app_"))
     port = free_port()
-    proc = serve_bench.start_server(port, str(bundle_dir) if args.bundle else None, tmp / "app.log", [])
+    proc = serve_bench.start_server(port, str(bundle_dir) if args.bundle else None, tmp / "app.log", app_args or [])
     try:
         url = f"http://127.0.0.1:{port}/"
         d = serve_bench.Driver(url, None)
         d.segment(images[-1], NAMES)
         seq = [d.segment(images[i], NAMES)[0] for i in range(args.sequential)]
         drivers = [serve_bench.Driver(url, None) for _ in range(args.clients)]
-        cpu = serve_bench.cpu_seconds(proc.pid)
+        watched = [proc.pid, *(pids or [])]
+        cpu = sum(serve_bench.cpu_seconds(p) for p in watched)
         lat, errors, wall = concurrent(lambda k, j: drivers[k].segment(images[(k * args.per_client + j) % len(images)],
                                                                        NAMES[:4] + [EXTRA[k % len(EXTRA)]]),
                                        args.clients, args.per_client)
-        cpu = serve_bench.cpu_seconds(proc.pid) - cpu
-        return row("app", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
+        cpu = sum(serve_bench.cpu_seconds(p) for p in watched) - cpu
+        return row(label, seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -132,8 +138,11 @@ def bench_serve(args, images, bundle_dir, replicas: int, port: int) -> float:
     cpu = sum(serve_bench.cpu_seconds(p) for p in pids)
     lat, errors, wall = concurrent(call, args.clients, args.per_client)
     cpu = sum(serve_bench.cpu_seconds(p) for p in pids) - cpu
+    result = row(f"serve x{replicas}", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
+    if replicas == 2 and "front" not in args.skip.split(","):  # the app as the deployment's front end (clipteacher-app --backend)
+        bench_app(args, images, bundle_dir, "app>serve2", ["--backend", url], pids)
     serve.delete("clipteacher")
-    return row(f"serve x{replicas}", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
+    return result
 
 
 def bench_data(args, paths: list[Path], bundle_dir, actors: int) -> float:
@@ -160,7 +169,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--data-images", type=int, default=200)
-    parser.add_argument("--skip", default="", help="comma-separated rows to leave out: app, serve, data")
+    parser.add_argument("--skip", default="", help="comma-separated rows to leave out: app, serve, front, data")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 

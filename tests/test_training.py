@@ -168,6 +168,7 @@ def test_evaluate_cli_on_unseen_folder(tiny_data, tmp_path, capsys):
     crowded = json.loads(out.read_text())
     assert code == 0 and len(crowded["distractors"]) == 40 and not {"sky", "cat", "grass", "cow"} & set(crowded["distractors"])
     assert 0 <= crowded["distractor_share"] <= 100 and crowded["pixels"] == result["pixels"]
+    assert abs(sum(crowded["distractors"].values()) - crowded["distractor_share"]) < 1e-6  # per name, summed
     assert crowded["pAcc"] <= result["pAcc"] + 1e-9
 
 

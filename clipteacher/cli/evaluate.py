@@ -73,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "gamma": gamma,
-                   "hubness": args.hubness, "distractors": names[len(classes):],
+                   "hubness": args.hubness,
                    "absent": args.absent, "seen_in_training": seg.vocabulary})
+    if args.distractors:  # name -> share of the labelled pixels it won, largest first
+        wins = dict(zip(names[len(classes):], result.pop("distractor_wins")))
+        result["distractors"] = dict(sorted(wins.items(), key=lambda kv: -kv[1]))
     out = Path(args.out) if args.out else default_output(Path(args.checkpoint), f"eval_{folder.info.name}_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"{folder.info.name}/{args.split} ({len(folder)} images, gamma {gamma}"
           + (f", hubness {args.hubness:g}" if args.hubness else "") + "): " + "  ".join(
         f"{k} {result[k]:.2f}" for k in ("pAcc", "mIoU(S)", "mIoU(U)", "hIoU"))
-        + (f"  with {args.distractors} distractor names: they won {result['distractor_share']:.2f}% of the pixels"
+        + (f"  with {args.distractors} distractor names: they won {result['distractor_share']:.2f}% of the pixels ("
+           + ", ".join(f"{n} {v:.1f}" for n, v in list(result["distractors"].items())[:5]) + ")"
            if args.distractors else ""))
     for name, iou in result["per_class"].items():
         tag = "unseen" if name in folder.info.unseen else "seen"
