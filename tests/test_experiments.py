@@ -167,3 +167,34 @@ def test_default_model_sets_the_vocabulary_mix_it_was_told(tmp_path, monkeypatch
     shipped = load_checkpoint(tmp_path / "assets" / "default")["model"]["student.vocab_mix"]
     assert float(shipped) == 0.25 and float(load_checkpoint(tmp_path / "head" / "last.pt")["model"]["student.vocab_mix"]) != 0.25
     assert "--vocab-mix 0.25" in (tmp_path / "docs" / "RESULTS.md").read_text()
+
+
+def test_default_model_writes_the_ship_time_checkpoint_with_the_branch_and_nothing_else(tmp_path, monkeypatch):
+    """--write-checkpoint: the model as it would ship (branch added, then interpolated, mixture set), for probe and
+    val sweeps; no model folder, no docs."""
+    from clipteacher.train.engine import train
+    from training.experiments import default_model
+
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=2)
+    monkeypatch.setattr(default_model, "DATASETS", {"tiny": str(data)})
+    head = tiny_config(data, tmp_path / "head", train={"iters": 1}, student={"vocab_topk": 4, "pretrained": True})
+    train(head, verbose=False)
+    out = tmp_path / "variant.pt"
+    default_model.main(["--checkpoint", str(tmp_path / "head" / "last.pt"), "--vocab-branch", "--vocab-mix", "0.5",
+                        "--pretrained-weight", "0.5", "--assets", str(tmp_path / "assets"), "--docs",
+                        str(tmp_path / "docs"), "--write-checkpoint", str(out)])
+    assert not (tmp_path / "assets").exists() and not (tmp_path / "docs").exists()
+    ckpt, trained = load_checkpoint(out), load_checkpoint(tmp_path / "head" / "last.pt")
+    assert ckpt["config"]["student"]["vocab_branch"] and float(ckpt["model"]["student.vocab_mix"]) == 0.5
+    assert any(k.startswith("student.vocab.branch.") for k in ckpt["model"])
+    assert torch.equal(ckpt["model"]["student.head.embed.weight"].float(),
+                       trained["model"]["student.head.embed.weight"].half().float())  # the head as trained
+    from clipteacher.predictor import Segmenter
+
+    assert Segmenter.from_checkpoint(out).student.vocab.branch is not None  # loads strictly
+
+    plain = tiny_config(data, tmp_path / "plain", train={"iters": 1})
+    train(plain, verbose=False)
+    with pytest.raises(SystemExit, match="--vocab-branch: .*vocabulary head"):
+        default_model.main(["--checkpoint", str(tmp_path / "plain" / "last.pt"), "--vocab-branch",
+                            "--write-checkpoint", str(out)])

@@ -232,12 +232,12 @@ def main(argv: list[str] | None = None) -> None:
         ckpt["model"]["student.vocab_mix"] = torch.tensor(args.vocab_mix, dtype=ckpt["model"]["student.vocab_mix"].dtype)
     if args.hubness:
         ckpt["hubness_default"] = args.hubness == "on"
+    seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
+    add_reference(ckpt, seg)
     if args.write_checkpoint:
         save_checkpoint(ckpt, args.write_checkpoint)
         print(f"wrote {args.write_checkpoint} ({command})")
         return
-    seg = Segmenter.from_state(ckpt, args.checkpoint)  # one read for the card, the scores and the figure
-    add_reference(ckpt, seg)
     vals = {name: build_dataset("folder", root, "val") for name, root in DATASETS.items()}  # read once for all models
     scores = {"new": score(seg, str(dst), vals)}
     for p in args.previous:
