@@ -2,6 +2,7 @@
 one-line argument errors, kills that leave no half mask, and a torch-free process."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -356,3 +357,65 @@ def test_a_model_carries_its_own_hubness_default_into_its_bundles(bundle_dir, tm
     served = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["hubness"]
     assert served["default"] is (HUBNESS_DEFAULT if choice is None else choice)
     assert served["reference"] == "a test vector"
+
+
+@pytest.fixture(scope="module")
+def hub_bundle(bundle_dir, tmp_path_factory):
+    """The tiny bundle with a hubness reference that makes "sky" a hub (the reference mean is sky's own
+    embedding) and a stored default of off."""
+    from clipteacher.checkpoint import load_checkpoint, save_model_folder
+    from clipteacher.export.bundle import export_bundle
+
+    tmp = tmp_path_factory.mktemp("hub")
+    ckpt = load_checkpoint(bundle_dir.parent / "app_ckpt.pt")
+    ckpt["feature_mean"] = ckpt["text_cache"]["sky"].float()
+    ckpt["feature_mean_reference"] = "sky's embedding"
+    ckpt["hubness_default"] = False
+    save_model_folder(ckpt, tmp / "model")
+    export_bundle(tmp / "model", tmp / "bundle", log=lambda *_: None)
+    return tmp / "bundle"
+
+
+def test_predict_and_the_app_serve_the_hubness_correction_they_are_told(hub_bundle, bundle_dir, tmp_path, capsys):
+    """--hubness on|off overrides the bundle's stored default in clipteacher-predict and in the app's Service."""
+    names = ["sky", "grass", "cow"]
+    paths = write_images(tmp_path / "in", 2, seed=3)
+    bundle = Bundle(hub_bundle, verbose=False)
+    assert not bundle.meta["hubness"]["default"]
+    want = {}
+    for on in (True, False):
+        want[on] = [bundle.label_features(bundle.image_features(svc.load_image(p)[0]), names, (48, 64), None, None, on)[0]
+                    for p in paths]
+    assert any(not np.array_equal(a, b) for a, b in zip(want[True], want[False]))  # the correction matters here
+    for choice, on in [("on", True), ("off", False), (None, False)]:
+        out = tmp_path / f"out_{choice}"
+        assert run_cli(*paths, "--names", ", ".join(names), "--out", out,
+                       *(["--hubness", choice] if choice else []), bundle=hub_bundle) == 0
+        for p, labels in zip(paths, want[on]):
+            np.testing.assert_array_equal(np.asarray(Image.open(out / f"{p.stem}.png")), labels)
+        service = svc.Service(bundle, hubness=None if choice is None else on)
+        for p, labels in zip(paths, want[on]):
+            np.testing.assert_array_equal(service.segment(svc.load_image(p)[0], ", ".join(names)).labels, labels)
+        assert service.info()["hubness"] is on
+    # the Ray Data actor's class (a plain class: no Ray needed to call it) passes the choice on too
+    from clipteacher.serve.ray_data import Predictor
+
+    actor = Predictor(str(hub_bundle), "fp32", names, None, None, False, 1, hubness=True)
+    rows = actor({"path": np.array([str(p) for p in paths], dtype=object), "stem": np.array(["a", "b"], dtype=object)})
+    for mask, labels in zip(rows["mask"], want[True]):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask))), labels)
+
+    import shutil
+
+    plain = tmp_path / "plain"  # a bundle exported without a reference: asking for the correction is one line
+    shutil.copytree(hub_bundle, plain)
+    meta = json.loads((plain / "bundle.json").read_text())
+    del meta["hubness"]
+    (plain / "bundle.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert run_cli(paths[0], "--names", "sky", "--out", tmp_path / "x", "--hubness", "on", bundle=plain) == 2
+    err = capsys.readouterr().err
+    assert "no hubness reference" in err and err.count("\n") == 1
+    assert run_cli(paths[0], "--names", "sky", "--out", tmp_path / "y", "--hubness", "off", bundle=plain) == 0
+    with pytest.raises(ValueError, match="no hubness reference"):
+        svc.Service(Bundle(plain, verbose=False), hubness=True)

@@ -117,10 +117,15 @@ class Service:
     """The app's computations on one `clipteacher.runtime.Bundle`. Thread-safe; keeps the model
     outputs of the last CACHE_IMAGES images. `passes` counts image passes per graph."""
 
-    def __init__(self, bundle, cache_images: int = CACHE_IMAGES, others: dict | None = None, backend=None):
+    def __init__(self, bundle, cache_images: int = CACHE_IMAGES, others: dict | None = None, backend=None,
+                 hubness: bool | None = None):
         """others: label -> Service of another bundle (a ZegCLIP/TagCLIP or another student) shown in Compare.
-        backend: a `clipteacher.serve.client.ServeClient`; `segment_remote` sends requests there."""
+        backend: a `clipteacher.serve.client.ServeClient`; `segment_remote` sends requests there.
+        hubness: serve the hubness correction on or off (None: as the bundle says)."""
+        if hubness and not bundle.has_hubness:
+            raise ValueError(f"{bundle.folder.name} has no hubness reference; export it again to add one")
         self.bundle = bundle
+        self.hubness = hubness
         self.backend = backend
         self.backend_info = backend.info() if backend is not None else None
         self.others = dict(others or {})
@@ -204,7 +209,8 @@ class Service:
             features, cached = self.features(image)
         unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         try:
-            labels, logits = self.bundle.label_features(features, names, image.shape[:2], gamma, templates)
+            labels, logits = self.bundle.label_features(features, names, image.shape[:2], gamma, templates,
+                                                        self.hubness)
         except ValueError as err:  # templates or names the text encoder refuses
             raise UserError(str(err)) from None
         return Segmentation(names, labels, logits, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
@@ -218,7 +224,7 @@ class Service:
         names, notes = parse_names(names_text)  # bad input fails here, without a round trip
         parse_templates(templates_text)
         gamma = parse_gamma(gamma)
-        labels, reply = self.backend.segment(data, names_text, gamma, templates_text)
+        labels, reply = self.backend.segment(data, names_text, gamma, templates_text, self.hubness)
         if labels.shape != image.shape[:2] or reply["classes"] != names:
             raise UserError("The segmentation backend decoded the image or the names differently from this app "
                             "(another clipteacher version?).")
@@ -350,6 +356,7 @@ class Service:
                 "precision": b.precision,
                 "vocabulary": list(b.vocabulary), "gamma": b.gamma, "templates": list(b.templates),
                 "eval_size": b.eval_size, "teacher": b.teacher_kind,
+                "hubness": bool(self.hubness if self.hubness is not None else b.meta.get("hubness", {}).get("default")),
                 "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name} \
             | ({"backend": self.backend.url, "backend_bundle": self.backend_info.get("bundle")} if self.backend else {})
 

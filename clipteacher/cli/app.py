@@ -1,12 +1,13 @@
 """Serve the Gradio app on an exported bundle (onnxruntime; this process never imports torch).
 
     clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
-                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB] [--backend URL]
+                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB] [--hubness on|off]
+                    [--backend URL]
 
 Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from the model folder assets/default by
 `clipteacher-export` in a subprocess when missing or made from another checkpoint (the export needs
 torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
-CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB,
+CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB, CLIPTEACHER_HUBNESS,
 CLIPTEACHER_DEVICE=auto|cuda|cpu (cuda: exit 2 with the reason instead of falling back to the CPU; see
 clipteacher/runtime/providers.py).
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                              "view also runs, with its image pass's time; repeat for several")
     parser.add_argument("--long-jobs", type=int, default=env("CLIPTEACHER_LONG_JOBS", "1"),
                         help="videos computed at once, in slots of their own (default 1; more wait in the queue)")
+    parser.add_argument("--hubness", choices=["on", "off"], default=env("CLIPTEACHER_HUBNESS") or None,
+                        help="serve the hubness correction on or off (default: as the bundle says); on, a name that "
+                             "scores high everywhere wins fewer pixels, which helps when users type many names")
     parser.add_argument("--backend", default=env("CLIPTEACHER_BACKEND") or None, metavar="URL",
                         help="a Ray Serve route (http://HEAD:8000/segment) that computes the Segment view's requests")
     args = parser.parse_args(argv)
@@ -98,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
             return 2
         others[f"{other.model_name} ({other.folder.name})"] = Service(other)
-    backend = None
+    hubness = None if args.hubness is None else args.hubness == "on"
+    if hubness and not bundle.has_hubness:
+        print(f"error: --hubness on: {bundle.folder.name} has no hubness reference; export it again to add one",
+              file=sys.stderr)
+        return 2
     if args.backend:
         from clipteacher.serve.client import BackendError, ServeClient
 
         try:
             backend = ServeClient(args.backend)
-            service = Service(bundle, others=others, backend=backend)  # asks the backend what it serves
+            service = Service(bundle, others=others, backend=backend, hubness=hubness)  # asks what it serves
         except (ValueError, BackendError) as err:
             print(f"error: --backend: {err}", file=sys.stderr)
             return 2
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", backend.url,
                                                   remote.get("bundle"), remote.get("provider"))
     else:
-        service = Service(bundle, others=others)
+        service = Service(bundle, others=others, hubness=hubness)
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="student graph (must be in the bundle)")
     p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")
+    p.add_argument("--hubness", choices=["on", "off"],
+                   help="the hubness correction (docs/METHOD.md#hubness-correction; default: as the bundle says). "
+                        "On, a name that scores high everywhere wins fewer pixels: worth it with many names")
     p.add_argument("--overlay", action="store_true", help="also write DIR/<stem>.overlay.jpg")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose mask is already in DIR")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
@@ -95,6 +98,8 @@ def open_bundle(args, path: str | None = None, precision: str | None = None):
         raise Fatal(str(err)) from None
     if args.device == "cuda" and bundle.provider != "CUDAExecutionProvider":
         raise Fatal("--device cuda: onnxruntime cannot use CUDA on this machine (use --device cpu or auto)")
+    if path is None and args.hubness == "on" and not bundle.has_hubness:
+        raise Fatal(f"--hubness on: {bundle.folder.name} has no hubness reference; export it again to add one")
     try:
         bundle.embed_text(args.name_list, args.template_list)  # once, before the first image
     except ValueError as err:
@@ -161,7 +166,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
                         raise feats
                     started = time.perf_counter() - decoded - share
                     encoded = encode_outputs(bundle[0], image, notes, feats, args.name_list, args.gamma,
-                                             args.template_list, args.overlay)
+                                             args.template_list, args.overlay, args.hubness_on)
                     write_outputs(out, path, stem, encoded, summary, started)
                     counts["done"] += 1
                     bar.update()
@@ -213,6 +218,8 @@ def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
         bundle_dir = resolve_bundle(args.bundle)
     except (StartupError, FileNotFoundError, ValueError) as err:
         raise Fatal(str(err)) from None
+    if args.hubness == "on" and not ray_data.bundle_has_hubness(bundle_dir):
+        raise Fatal(f"--hubness on: {bundle_dir.name} has no hubness reference; export it again to add one")
     try:
         return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
     except ray_data.RayStartError as err:
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         args.templates_text = "\n".join(args.templates or [])
         args.template_list = parse_templates(args.templates_text)
         args.gamma = parse_gamma(args.gamma)
+        args.hubness_on = None if args.hubness is None else args.hubness == "on"
         if not 1 <= args.batch <= 64:
             raise Fatal(f"--batch must be between 1 and 64, got {args.batch}")
         if args.compare_bundle and args.engine == "ray":

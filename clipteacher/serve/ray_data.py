@@ -47,6 +47,14 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
                             f"start the cluster (`ray start --head`) or unset RAY_ADDRESS") from None
 
 
+def bundle_has_hubness(folder: Path) -> bool:
+    """Whether the bundle carries a hubness reference, read from its bundle.json (the actors open the bundle)."""
+    try:
+        return bool(json.loads((Path(folder) / "bundle.json").read_text()).get("hubness"))
+    except (OSError, ValueError):
+        return False
+
+
 def read_path_list(uri: str) -> list[str]:
     """A Parquet or CSV file (local path or pyarrow URI) -> the strings of its `path` column."""
     import pyarrow.csv
@@ -90,12 +98,12 @@ class Predictor:
     MAX_FILE_BYTES = 200_000_000  # larger files are not read (the decoder refuses far smaller images anyway)
 
     def __init__(self, bundle: str, precision: str, names: list[str], gamma, templates, overlay: bool, threads: int,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, hubness: bool | None = None):
         from clipteacher.runtime import Bundle
 
         self.bundle = Bundle(bundle, precision=precision, providers=providers, verbose=False, threads=threads,
                              spin=False)
-        self.names, self.gamma, self.templates, self.overlay = names, gamma, templates, overlay
+        self.names, self.gamma, self.templates, self.overlay, self.hubness = names, gamma, templates, overlay, hubness
         self.bundle.embed_text(names, templates)
 
     def __call__(self, batch: dict) -> dict:
@@ -123,7 +131,7 @@ class Predictor:
                 if isinstance(feats, Exception):
                     raise feats
                 enc = encode_outputs(self.bundle, image, notes, feats, self.names, self.gamma, self.templates,
-                                     self.overlay)
+                                     self.overlay, self.hubness)
                 rows["mask"][i], rows["overlay"][i] = enc["mask"], enc["overlay"] or b""
                 rows["item"][i] = json.dumps(enc["item"])
                 rows["seconds"][i] = decoded + share + time.perf_counter() - t
@@ -158,7 +166,8 @@ def run(args, paths: list[str], stems: list[str], out: Path, bundle_dir: Path, p
                         fn_constructor_kwargs={"bundle": str(bundle_dir), "precision": args.precision,
                                                "names": args.name_list, "gamma": args.gamma,
                                                "templates": args.template_list, "overlay": args.overlay,
-                                               "threads": 1, "providers": providers})
+                                               "threads": 1, "providers": providers,
+                                               "hubness": getattr(args, "hubness_on", None)})
     with Summary(out, resume=args.skip_existing) as summary, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as bar:
         for row in ds.iter_rows():
