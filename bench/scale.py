@@ -45,9 +45,11 @@ def free_port() -> int:
 
 
 def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy so far (all cores; /proc/stat, not idle or iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds this machine's cores have spent busy so far (/proc/stat: user, nice, system, irq, softirq; not
+    idle, iowait, or steal, which is time the host gave to other machines)."""
+    user, nice, system, idle, iowait, irq, softirq = (int(x) for x in
+                                                      Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def concurrent(call, clients: int, per_client: int) -> tuple[list[float], int, float]:
@@ -215,7 +217,7 @@ def main() -> None:
                 busy[f"data{n}"] = BUSY[-1]
     finally:
         ray.shutdown()
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # what this process may use (Ray was started with 2 CPUs)
 
     def ceiling(one: str, two: str) -> str:
         # the ratio = (busy cores with two workers / with one) x (work done per busy core-second, two / one): with

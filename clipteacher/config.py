@@ -75,7 +75,7 @@ class StudentConfig:
     vocab_topk: int = 0  # > 0: the vocabulary head (ConSE from the backbone's ImageNet classifier, top-k names mixed); 0 = off
     vocab_mix: float = 1.0  # initial weight of the vocabulary head's mixture beside the unit MLP-head feature (learned)
     vocab_center: bool = False  # subtract the bank's mean embedding: the mixture then adds no common direction to every name's cosine
-    vocab_branch: bool = False  # the vocabulary head reads its own frozen pretrained copy of the stride-32 stages, fed at stride 16, so segmentation training cannot move its classifier's input there
+    vocab_branch: bool = False  # the vocabulary head runs its own frozen pretrained copy of the stride-32 blocks on the stride-16 features, so segmentation training cannot move those blocks under its classifier
     vocab_gate: bool = False  # weigh the mixture per name by a gate read from the name's embedding; features are then packed B x 2D
 
 
@@ -292,6 +292,9 @@ def _check(cfg: "Config") -> None:
         raise ConfigError("student.vocab_gate weighs the vocabulary head's mixture: it needs student.vocab_topk > 0")
     if cfg.student.vocab_branch and not cfg.student.vocab_topk:
         raise ConfigError("student.vocab_branch is a part of the vocabulary head: it needs student.vocab_topk > 0")
+    if cfg.student.vocab_branch and not cfg.student.pretrained:
+        raise ConfigError("student.vocab_branch freezes a copy of the pretrained stride-32 blocks: it needs "
+                          "student.pretrained")
     if cfg.loss.vocab_head_weight > 0 and not cfg.student.vocab_topk:
         raise ConfigError("loss.vocab_head_weight trains the vocabulary head: it needs student.vocab_topk > 0")
     if cfg.loss.anchor_weight > 0 and not cfg.student.vocab_topk:

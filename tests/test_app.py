@@ -563,6 +563,8 @@ class FakeReplica:
                     return self.reply(200, b"<html>not the API</html>")
                 if replica.mode == "crash":
                     return self.reply(500, b'{"error": "internal error (RuntimeError)"}')
+                if replica.mode == "blank":  # an error status with an empty message
+                    return self.reply(503, b'{"error": "  "}')
                 try:
                     job = api.parse_request(body)
                     if replica.mode == "small":  # decodes to another size than the app (another version)
@@ -610,6 +612,7 @@ def test_the_segment_view_runs_on_a_serve_backend_and_draws_the_same_answer(bund
     ("garbage", "did not answer with JSON"),
     ("small", "decoded the image or the names differently"),
     ("torn", "does not match its own mask"),
+    ("blank", "backend failed (HTTP 503 Service Unavailable); try again"),
 ])
 def test_a_misbehaving_backend_is_one_line(bundle_dir, replica, files, mode, message):
     from clipteacher.serve.client import ServeClient

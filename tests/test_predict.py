@@ -407,11 +407,12 @@ def test_predict_and_the_app_serve_the_hubness_correction_they_are_told(hub_bund
 
     import shutil
 
-    plain = tmp_path / "plain"  # a bundle exported without a reference: asking for the correction is one line
+    plain = tmp_path / "plain"  # a bundle exported without a reference (hubness: null): asking for it is one line
     shutil.copytree(hub_bundle, plain)
     meta = json.loads((plain / "bundle.json").read_text())
-    del meta["hubness"]
+    meta["hubness"] = None
     (plain / "bundle.json").write_text(json.dumps(meta))
+    assert svc.Service(Bundle(plain, verbose=False)).info()["hubness"] is False
     capsys.readouterr()
     assert run_cli(paths[0], "--names", "sky", "--out", tmp_path / "x", "--hubness", "on", bundle=plain) == 2
     err = capsys.readouterr().err

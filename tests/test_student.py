@@ -80,6 +80,7 @@ def test_a_backbone_without_an_imagenet_classifier_is_one_line():
     ({"student": {"vocab_topk": 1001}}, "vocab_topk"),
     ({"method": "zegclip", "teacher": {"kind": "clip"}, "student": {"vocab_topk": 5}}, "no student"),
     ({"student": {"vocab_branch": True}}, "vocab_branch"),
+    ({"student": {"vocab_branch": True, "vocab_topk": 5, "pretrained": False}}, "needs student.pretrained"),
 ])
 def test_bad_vocab_head_settings_are_config_errors(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -114,7 +115,7 @@ def test_vocab_head_bundle_matches_pytorch(tmp_path, branch):
     cfg = Config()
     cfg.teacher.kind, cfg.teacher.clip_config, cfg.teacher.input_size = "clip", TINY_CLIP, 32
     cfg.student.pretrained, cfg.student.head_dim, cfg.student.vocab_topk, cfg.data.eval_size = False, 16, 5, 64
-    cfg.student.vocab_branch = branch
+    cfg.student.vocab_branch = cfg.student.pretrained = branch  # the branch copies the packaged ImageNet blocks
     teacher = write_untrained_checkpoint(cfg, ["cow", "grass", "sky"], ["cow", "grass"], tmp_path / "ckpt.pt")
     export_bundle(tmp_path / "ckpt.pt", tmp_path / "bundle", teacher=teacher, log=lambda *_: None)
     student = Segmenter.from_checkpoint(tmp_path / "ckpt.pt").student
@@ -502,10 +503,11 @@ def test_the_branch_is_frozen_in_eval_mode_and_left_out_of_the_optimiser():
     assert not ids & {id(p) for p in branch.parameters()}
     assert {id(p) for p in student.vocab.classifier.parameters()} <= ids
     before = {k: v.clone() for k, v in branch.state_dict().items()}
-    student(torch.rand(2, 3, 64, 64)).sum().backward()  # a train-mode pass: BatchNorm would update its statistics
-    assert all(torch.equal(v, before[k]) for k, v in branch.state_dict().items())
+    student.parts(torch.rand(2, 3, 64, 64))[2].sum().backward()  # the ImageNet logits alone, in train mode
+    assert all(torch.equal(v, before[k]) for k, v in branch.state_dict().items())  # BatchNorm statistics kept
     assert all(p.grad is None for p in branch.parameters())
-    assert student.backbone.blocks[4][0].conv_pw.weight.grad is not None  # the gradient passes through it
+    assert student.backbone.blocks[4][0].conv_pw.weight.grad is not None  # the gradient passes through the branch
+    assert student.backbone.blocks[6][0].conv_pw.weight.grad is None  # and not through the shared stride-32 blocks
 
 
 def test_adding_the_branch_to_a_checkpoint_keeps_every_trained_tensor_and_loads_strictly():
@@ -542,3 +544,17 @@ def test_the_anchor_reads_the_stage_the_branch_reads():
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.allclose(anchor(x), student.parts(x)[2])
+
+
+def test_a_student_without_the_branch_fine_tunes_into_one_with_it(tiny_data, tmp_path):
+    """train.init_from a checkpoint without the branch + student.vocab_branch=true (the README's recipe): the
+    branch starts from the packaged blocks, every other tensor from the checkpoint, and stays frozen."""
+    pre = {"vocab_topk": 4, "pretrained": True}
+    train(tiny_config(tiny_data, tmp_path / "a", train={"iters": 1}, student=pre), verbose=False)
+    cfg = tiny_config(tiny_data, tmp_path / "b", train={"iters": 1, "init_from": str(tmp_path / "a" / "last.pt")},
+                      student={**pre, "vocab_branch": True})
+    train(cfg, verbose=False)
+    built = Student(cfg.student, D).vocab.branch.state_dict()
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    for k, v in built.items():
+        assert torch.equal(saved[f"student.vocab.branch.{k}"].float(), v.float()), k

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from clipteacher.prompts import outside_vocabulary
+from clipteacher.runtime.bundle import missing_hubness
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.io import resize_short
 # The request layer (shared with clipteacher-predict); names used by the UI are reached through this module too.
@@ -123,7 +124,7 @@ class Service:
         backend: a `clipteacher.serve.client.ServeClient`; `segment_remote` sends requests there.
         hubness: serve the hubness correction on or off (None: as the bundle says)."""
         if hubness and not bundle.has_hubness:
-            raise ValueError(f"{bundle.folder.name} has no hubness reference; export it again to add one")
+            raise ValueError(missing_hubness(bundle.folder))
         self.bundle = bundle
         self.hubness = hubness
         self.backend = backend
@@ -356,7 +357,7 @@ class Service:
                 "precision": b.precision,
                 "vocabulary": list(b.vocabulary), "gamma": b.gamma, "templates": list(b.templates),
                 "eval_size": b.eval_size, "teacher": b.teacher_kind,
-                "hubness": bool(self.hubness if self.hubness is not None else b.meta.get("hubness", {}).get("default")),
+                "hubness": b.hubness_default if self.hubness is None else self.hubness,
                 "checkpoint": Path(b.meta.get("source", {}).get("checkpoint", "")).name} \
             | ({"backend": self.backend.url, "backend_bundle": self.backend_info.get("bundle")} if self.backend else {})
 

@@ -103,24 +103,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         others[f"{other.model_name} ({other.folder.name})"] = Service(other)
     hubness = None if args.hubness is None else args.hubness == "on"
-    if hubness and not bundle.has_hubness:
-        print(f"error: --hubness on: {bundle.folder.name} has no hubness reference; export it again to add one",
-              file=sys.stderr)
+    try:
+        service = Service(bundle, others=others, hubness=hubness)
+    except ValueError as err:
+        print(f"error: --hubness on: {err}", file=sys.stderr)
         return 2
     if args.backend:
         from clipteacher.serve.client import BackendError, ServeClient
 
         try:
-            backend = ServeClient(args.backend)
-            service = Service(bundle, others=others, backend=backend, hubness=hubness)  # asks what it serves
-        except (ValueError, BackendError) as err:
+            service = Service(bundle, others=others, hubness=hubness, backend=ServeClient(args.backend))
+        except (ValueError, BackendError) as err:  # the URL, or the backend's answer to GET
             print(f"error: --backend: {err}", file=sys.stderr)
             return 2
         remote = service.backend_info
-        logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", backend.url,
+        logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", service.backend.url,
                                                   remote.get("bundle"), remote.get("provider"))
-    else:
-        service = Service(bundle, others=others, hubness=hubness)
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime provider: auto = CUDA when usable, else CPU")
     p.add_argument("--hubness", choices=["on", "off"],
                    help="the hubness correction (docs/METHOD.md#hubness-correction; default: as the bundle says). "
-                        "On, a name that scores high everywhere wins fewer pixels: worth it with many names")
+                        "On, a name that scores high everywhere wins fewer pixels: worth it with many names. "
+                        "--compare-bundle models serve their own default")
     p.add_argument("--overlay", action="store_true", help="also write DIR/<stem>.overlay.jpg")
     p.add_argument("--skip-existing", action="store_true", help="skip images whose mask is already in DIR")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
@@ -99,7 +100,9 @@ def open_bundle(args, path: str | None = None, precision: str | None = None):
     if args.device == "cuda" and bundle.provider != "CUDAExecutionProvider":
         raise Fatal("--device cuda: onnxruntime cannot use CUDA on this machine (use --device cpu or auto)")
     if path is None and args.hubness == "on" and not bundle.has_hubness:
-        raise Fatal(f"--hubness on: {bundle.folder.name} has no hubness reference; export it again to add one")
+        from clipteacher.runtime.bundle import missing_hubness
+
+        raise Fatal(f"--hubness on: {missing_hubness(bundle.folder)}")
     try:
         bundle.embed_text(args.name_list, args.template_list)  # once, before the first image
     except ValueError as err:
@@ -116,10 +119,10 @@ def failure(err: BaseException) -> str:
     return failure_message(err)
 
 
-def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> dict:
+def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle, hubness: bool | None = None) -> dict:
     """Segment `paths` into `out`, as out/<stem>.png, --batch images at a time; returns counts {done,
     skipped, failed}. The bundle is loaded on the first image that decodes, so a run with nothing to do
-    never loads the model."""
+    never loads the model. hubness: the correction on / off (None: as the bundle says)."""
     from tqdm import tqdm
 
     from clipteacher.batch import Summary, encode_outputs, remove_stale_partials, show, student_passes, write_outputs
@@ -166,7 +169,7 @@ def run(args, paths: list[Path], stems: list[str], out: Path, make_bundle) -> di
                         raise feats
                     started = time.perf_counter() - decoded - share
                     encoded = encode_outputs(bundle[0], image, notes, feats, args.name_list, args.gamma,
-                                             args.template_list, args.overlay, args.hubness_on)
+                                             args.template_list, args.overlay, hubness)
                     write_outputs(out, path, stem, encoded, summary, started)
                     counts["done"] += 1
                     bar.update()
@@ -219,7 +222,9 @@ def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
     except (StartupError, FileNotFoundError, ValueError) as err:
         raise Fatal(str(err)) from None
     if args.hubness == "on" and not ray_data.bundle_has_hubness(bundle_dir):
-        raise Fatal(f"--hubness on: {bundle_dir.name} has no hubness reference; export it again to add one")
+        from clipteacher.runtime.bundle import missing_hubness
+
+        raise Fatal(f"--hubness on: {missing_hubness(bundle_dir)}")
     try:
         return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
     except ray_data.RayStartError as err:
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "ray":
             counts = run_ray(args, paths, stems, out)
         else:
-            counts = run(args, paths, stems, out, lambda: open_bundle(args))
+            counts = run(args, paths, stems, out, lambda: open_bundle(args), args.hubness_on)
             if args.compare_bundle:
                 compare(args, paths, stems, out, counts)
     except Fatal as err:

@@ -67,6 +67,12 @@ def add_vocabulary_branch(ckpt: dict) -> dict:
                          "pretrained weights (student.pretrained)")
     if cfg.student.vocab_branch:
         raise ValueError("this checkpoint's student has the vocabulary branch already")
+    from clipteacher.models.weights import WeightsError, packaged_state_dict
+
+    try:
+        packaged_state_dict(cfg.student.backbone, required=True)  # the branch is these weights, never random ones
+    except WeightsError as err:
+        raise ValueError(str(err)) from None
     config = copy.deepcopy(ckpt["config"])
     config.setdefault("student", {})["vocab_branch"] = True
     branch = Student(from_dict(config).student, ckpt["embed_dim"]).vocab.branch.state_dict()

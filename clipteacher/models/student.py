@@ -111,19 +111,23 @@ class VocabularyHead(nn.Module):
 
     branch: the head runs its own copy of the backbone's stride-32 blocks, pretrained and frozen (always in eval
     mode), from the shared stride-16 features (docs/METHOD.md#vocabulary-branch). Segmentation training moves the
-    shared stride-32 stages most; with the branch it no longer moves the classifier's input there, at the cost of
-    those blocks computed twice per image.
+    shared stride-32 blocks most; with the branch it no longer moves the blocks under the classifier (its conv_head,
+    BatchNorm and linear layer still train), at the cost of those blocks computed twice per image.
     """
 
     def __init__(self, backbone: str, pretrained: bool, embed_dim: int, topk: int, branch: bool = False):
         super().__init__()
         full = packaged_classifier(backbone) if pretrained else None
+        packaged = full is not None
         if full is None:
             full = timm.create_model(backbone, pretrained=False)
         if not (hasattr(full, "conv_head") and hasattr(full, "bn2")) or full.num_classes != 1000:
             raise ValueError(f"student.vocab_topk needs a timm EfficientNet ImageNet-1k classifier as the backbone, "
                              f"got '{backbone}'")
         self.branch = None
+        if branch and pretrained and not packaged:
+            warnings.warn(f"no packaged ImageNet weights for '{backbone}': the vocabulary branch starts random and "
+                          f"stays frozen")
         if branch:
             # the blocks after the last stride-16 one (EfficientNet-Lite0: blocks 5 and 6)
             last16 = max(int(f["module"].split(".")[1]) for f in full.feature_info if f["reduction"] == 16)

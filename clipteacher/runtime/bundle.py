@@ -67,6 +67,11 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def missing_hubness(folder) -> str:
+    """The one line for asking a bundle without a hubness reference for the correction."""
+    return f"{Path(folder).name} has no hubness reference; export it again to add one"
+
+
 class Bundle:
     """An exported bundle loaded with onnxruntime. See the module docstring for the API.
 
@@ -228,6 +233,11 @@ class Bundle:
         """The bundle carries a hubness reference (bundles exported before it, or without training images, do not)."""
         return bool(self.meta.get("hubness"))
 
+    @property
+    def hubness_default(self) -> bool:
+        """Whether requests that do not say get the hubness correction (`meta["hubness"]` is null without a reference)."""
+        return bool((self.meta.get("hubness") or {}).get("default"))
+
     def hubness_bias(self, class_embeddings: np.ndarray, on: bool | None = None) -> np.ndarray:
         """C float32 to add to the logits: -strength x logit_scale x (each name's mean cosine over the reference
         features), so a name that scores high everywhere (a hub) no longer wins everywhere. One dot product per
@@ -235,11 +245,11 @@ class Bundle:
         text = np.asarray(class_embeddings, dtype=np.float32)
         ref = self.meta.get("hubness")
         if on is None:
-            on = bool(ref and ref.get("default"))
+            on = self.hubness_default
         if not on:
             return np.zeros(len(text), np.float32)
         if not ref:
-            raise ValueError(f"bundle {self.folder} has no hubness reference; export it again to add one")
+            raise ValueError(missing_hubness(self.folder))
         mean = np.asarray(ref["mean"], dtype=np.float32)
         return (-float(ref["strength"]) * self.logit_scale * (text @ mean)).astype(np.float32)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import json
 import socket
@@ -46,13 +47,13 @@ class ServeClient:
         except urllib.error.HTTPError as err:  # 4xx / 5xx: the API answers {"error": one line}
             try:
                 message = json.loads(err.read(65536))["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {err.code} {err.reason}"
+            except (ValueError, KeyError, TypeError, http.client.HTTPException, OSError):
+                message = ""
+            line = (str(message).strip().splitlines() or [f"HTTP {err.code} {err.reason}"])[0]
             if err.code in (400, 413):
-                raise BackendError(str(message).splitlines()[0][:500]) from None
-            raise BackendError(f"The segmentation backend failed ({str(message).splitlines()[0][:200]}); "
-                               f"try again.") from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
+                raise BackendError(line[:500]) from None
+            raise BackendError(f"The segmentation backend failed ({line[:200]}); try again.") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             raise BackendError(f"The segmentation backend at {self.url} did not answer ({str(reason)[:200]}); "
                                f"try again later.") from None

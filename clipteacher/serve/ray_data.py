@@ -48,11 +48,8 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
 
 
 def bundle_has_hubness(folder: Path) -> bool:
-    """Whether the bundle carries a hubness reference, read from its bundle.json (the actors open the bundle)."""
-    try:
-        return bool(json.loads((Path(folder) / "bundle.json").read_text()).get("hubness"))
-    except (OSError, ValueError):
-        return False
+    """`Bundle.has_hubness` read from bundle.json alone: the driver does not open the bundle's graphs, the actors do."""
+    return bool(json.loads((Path(folder) / "bundle.json").read_text()).get("hubness"))
 
 
 def read_path_list(uri: str) -> list[str]:

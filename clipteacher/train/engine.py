@@ -165,9 +165,10 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
         matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(matrix)
         cm.matrix = matrix.cpu().numpy()
-        won = won.to(device)
-        dist.all_reduce(won)
-        won = won.cpu()
+        if extra:
+            won = won.to(device)
+            dist.all_reduce(won)
+            won = won.cpu()
     result = summarize(cm.matrix, info.classes, info.unseen, absent)
     if extra:  # share of the labelled pixels per distractor (index into the names after the dataset's)
         result["distractor_wins"] = (won.double() / max(int(cm.matrix.sum()), 1) * 100).tolist()
