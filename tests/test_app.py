@@ -654,3 +654,17 @@ def test_an_unusable_backend_stops_the_app_in_one_line(bundle_dir, capsys, url, 
     code = app_run.main(["--bundle", str(bundle_dir), "--backend", url.format(port=free_port())])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --backend: ") and message in err and err.count("\n") == 1
+
+
+def test_hubness_on_without_a_reference_stops_the_app_in_one_line(bundle_dir, tmp_path, capsys):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(bundle_dir, plain)
+    meta = json.loads((plain / "bundle.json").read_text())
+    meta["hubness"] = None  # as exported without training images, or for ZegCLIP / TagCLIP
+    (plain / "bundle.json").write_text(json.dumps(meta))
+    code = app_run.main(["--bundle", str(plain), "--hubness", "on"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --hubness on: ") and "no hubness reference" in err
+    assert err.count("\n") == 1
