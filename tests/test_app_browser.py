@@ -72,8 +72,8 @@ def close_toasts(page) -> None:
 
 
 def test_segment_tab(page, shots):
-    assert page.get_by_text("Examples (synthetic drawings)").is_visible()  # the example pictures are listed
-    assert page.locator("text=sky, mountain, sea, boat").first.is_visible()
+    page.get_by_text("Examples (synthetic drawings)").wait_for(timeout=30_000)  # the example pictures are listed
+    page.locator("text=sky, mountain, sea, boat").first.wait_for(timeout=30_000)
     page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "farm.jpg"))
     names = page.get_by_label("Class names (comma or newline separated)")
     names.fill("")
