@@ -52,8 +52,9 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def concurrent(call, clients: int, per_client: int) -> tuple[list[float], int, float]:
-    """clients threads x per_client calls of call(k, j) -> (latencies, errors, wall seconds)."""
+def concurrent(call, clients: int, per_client: int) -> tuple[list[float], int, float, float]:
+    """clients threads x per_client calls of call(k, j) -> (latencies, errors, wall seconds, cores the machine kept
+    busy meanwhile, all processes)."""
     lat, errors, lock = [], [0], threading.Lock()
 
     def job(k: int):
@@ -74,21 +75,18 @@ def concurrent(call, clients: int, per_client: int) -> tuple[list[float], int, f
     for t in threads:
         t.join()
     wall = time.perf_counter() - wall
-    BUSY[-1] = (machine_busy() - busy) / wall  # cores the machine kept busy under this load (all processes)
-    return lat, errors[0], wall
+    return lat, errors[0], wall, (machine_busy() - busy) / wall
 
 
-BUSY = [float("nan")]  # the last measured phase's busy cores
-
-
-def row(label: str, seq: list[float], lat: list[float], errors: int, wall: float, cpu: float, n: int, clients: int):
+def row(label: str, seq: list[float], lat: list[float], errors: int, wall: float, cpu: float, n: int, clients: int,
+        busy: float) -> float:
     throughput = len(lat) / wall
     p95 = float(serve_bench.percentile(lat, 95)) if lat else float("nan")
     fair = 1.3 * clients / throughput
     print(f"  {label:<10} sequential p50 {1000 * statistics.median(seq):5.0f} ms   {clients} clients: "
           f"{throughput:5.2f} req/s  p95 {1000 * p95:5.0f} ms (fair <= {1000 * fair:.0f}: "
           f"{'met' if p95 <= fair else 'MISSED'})  errors {errors}   server CPU {1000 * cpu / n:4.0f} ms/request  "
-          f"machine busy {BUSY[-1]:.2f} cores", flush=True)
+          f"machine busy {busy:.2f} cores", flush=True)
     return throughput
 
 
@@ -107,11 +105,11 @@ def bench_app(args, images, bundle_dir, label: str = "app", app_args: list[str] 
         drivers = [serve_bench.Driver(url, None) for _ in range(args.clients)]
         watched = [proc.pid, *(pids or [])]
         cpu = sum(serve_bench.cpu_seconds(p) for p in watched)
-        lat, errors, wall = concurrent(lambda k, j: drivers[k].segment(images[(k * args.per_client + j) % len(images)],
-                                                                       NAMES[:4] + [EXTRA[k % len(EXTRA)]]),
-                                       args.clients, args.per_client)
+        lat, errors, wall, busy = concurrent(
+            lambda k, j: drivers[k].segment(images[(k * args.per_client + j) % len(images)],
+                                            NAMES[:4] + [EXTRA[k % len(EXTRA)]]), args.clients, args.per_client)
         cpu = sum(serve_bench.cpu_seconds(p) for p in watched) - cpu
-        return row(label, seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
+        return row(label, seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients, busy)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -124,7 +122,8 @@ def serve_pids() -> list[int]:
             if a.pid and ("Segmenter" in (a.class_name or "") or "Proxy" in (a.class_name or ""))]
 
 
-def bench_serve(args, images, bundle_dir, replicas: int, port: int, busy: dict) -> float:
+def bench_serve(args, images, bundle_dir, replicas: int, port: int) -> tuple[float, float]:
+    """-> (throughput, busy cores) of the replicas' row."""
     from ray import serve
 
     from clipteacher.serve.ray_serve import Segmenter
@@ -149,33 +148,34 @@ def bench_serve(args, images, bundle_dir, replicas: int, port: int, busy: dict) 
         seq.append(time.perf_counter() - t)
     pids = serve_pids()
     cpu = sum(serve_bench.cpu_seconds(p) for p in pids)
-    lat, errors, wall = concurrent(call, args.clients, args.per_client)
+    lat, errors, wall, busy = concurrent(call, args.clients, args.per_client)
     cpu = sum(serve_bench.cpu_seconds(p) for p in pids) - cpu
-    result = row(f"serve x{replicas}", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients)
-    busy[f"serve{replicas}"] = BUSY[-1]  # before the app>serve2 row measures its own
+    throughput = row(f"serve x{replicas}", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients,
+                     busy)
     if replicas == 2 and "front" not in args.skip.split(","):  # the app as the deployment's front end (clipteacher-app --backend)
         bench_app(args, images, bundle_dir, "app>serve2", ["--backend", url], pids)
     serve.delete("clipteacher")
-    return result
+    return throughput, busy
 
 
-def bench_data(args, paths: list[Path], bundle_dir, actors: int) -> float:
+def bench_data(args, paths: list[Path], bundle_dir, actors: int) -> tuple[float, float]:
+    """-> (steady images/s, busy cores over the whole run)."""
     from clipteacher.batch import output_stems
     from clipteacher.serve import ray_data
 
     out = Path(tempfile.mkdtemp(prefix=f"bench_scale_data{actors}_"))
     opts = SimpleNamespace(skip_existing=False, batch=8, actors=actors, precision="fp32", name_list=NAMES,
-                           gamma=None, template_list=None, overlay=False)
+                           gamma=None, template_list=None, overlay=False, hubness_on=None)
     t, busy = time.perf_counter(), machine_busy()
     counts = ray_data.run(opts, [str(p) for p in paths], output_stems(paths), out, bundle_dir)
     wall = time.perf_counter() - t
-    BUSY[-1] = (machine_busy() - busy) / wall
+    busy = (machine_busy() - busy) / wall
     mtimes = sorted(p.stat().st_mtime for p in out.glob("*.png"))
     steady = (len(mtimes) - 1) / (mtimes[-1] - mtimes[0]) if len(mtimes) > 1 and mtimes[-1] > mtimes[0] else float("nan")
     print(f"  data x{actors}    {counts['done']} images in {wall:.1f} s = {counts['done'] / wall:.2f} images/s "
-          f"(after the first row {steady:.2f} images/s)  failed {counts['failed']}  machine busy {BUSY[-1]:.2f} "
+          f"(after the first row {steady:.2f} images/s)  failed {counts['failed']}  machine busy {busy:.2f} "
           f"cores", flush=True)
-    return steady
+    return steady, busy
 
 
 def main() -> None:
@@ -208,13 +208,12 @@ def main() -> None:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for n in (1, 2):
-                results[f"serve{n}"] = bench_serve(args, images, bundle_dir, n, port, busy)
+                results[f"serve{n}"], busy[f"serve{n}"] = bench_serve(args, images, bundle_dir, n, port)
             serve.shutdown()
         if "data" not in skip:
             more = serve_bench.make_images(tmp / "data", args.data_images) if (tmp / "data").mkdir() is None else []
             for n in (1, 2):
-                results[f"data{n}"] = bench_data(args, more, bundle_dir, n)
-                busy[f"data{n}"] = BUSY[-1]
+                results[f"data{n}"], busy[f"data{n}"] = bench_data(args, more, bundle_dir, n)
     finally:
         ray.shutdown()
     cores = len(os.sched_getaffinity(0))  # what this process may use (Ray was started with 2 CPUs)

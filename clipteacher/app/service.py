@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from clipteacher.prompts import outside_vocabulary
-from clipteacher.runtime.bundle import missing_hubness
+from clipteacher.runtime.bundle import check_hubness
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.io import resize_short
 # The request layer (shared with clipteacher-predict); names used by the UI are reached through this module too.
@@ -123,8 +123,7 @@ class Service:
         """others: label -> Service of another bundle (a ZegCLIP/TagCLIP or another student) shown in Compare.
         backend: a `clipteacher.serve.client.ServeClient`; `segment_remote` sends requests there.
         hubness: serve the hubness correction on or off (None: as the bundle says)."""
-        if hubness and not bundle.has_hubness:
-            raise ValueError(missing_hubness(bundle.folder))
+        check_hubness(bundle.meta, bundle.folder, hubness)
         self.bundle = bundle
         self.hubness = hubness
         self.backend = backend

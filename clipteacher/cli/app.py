@@ -102,22 +102,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
             return 2
         others[f"{other.model_name} ({other.folder.name})"] = Service(other)
-    hubness = None if args.hubness is None else args.hubness == "on"
-    try:
-        service = Service(bundle, others=others, hubness=hubness)
-    except ValueError as err:
-        print(f"error: --hubness on: {err}", file=sys.stderr)
-        return 2
-    if args.backend:
-        from clipteacher.serve.client import BackendError, ServeClient
+    from clipteacher.serve.client import BackendError, ServeClient
 
+    backend = None
+    if args.backend:
         try:
-            service = Service(bundle, others=others, hubness=hubness, backend=ServeClient(args.backend))
-        except (ValueError, BackendError) as err:  # the URL, or the backend's answer to GET
+            backend = ServeClient(args.backend)
+        except ValueError as err:  # not an http(s) URL
             print(f"error: --backend: {err}", file=sys.stderr)
             return 2
+    try:
+        service = Service(bundle, others=others, hubness=None if args.hubness is None else args.hubness == "on",
+                          backend=backend)  # asks the backend what it serves
+    except BackendError as err:
+        print(f"error: --backend: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # --hubness on without a reference
+        print(f"error: --hubness on: {err}", file=sys.stderr)
+        return 2
+    if backend is not None:
         remote = service.backend_info
-        logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", service.backend.url,
+        logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", backend.url,
                                                   remote.get("bundle"), remote.get("provider"))
     # load the text encoder and the teacher now, not on the first request
     bundle.embed_text(["warm-up"])

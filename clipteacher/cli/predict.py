@@ -91,6 +91,7 @@ def open_bundle(args, path: str | None = None, precision: str | None = None):
     """The bundle (`path`, default --bundle; the default bundle is built on first use), with the names embedded once."""
     from clipteacher.runtime.resolve import StartupError, resolve_bundle
     from clipteacher.runtime import Bundle
+    from clipteacher.runtime.bundle import check_hubness
 
     try:
         bundle = Bundle(resolve_bundle(path or args.bundle), precision=precision or args.precision,
@@ -99,10 +100,11 @@ def open_bundle(args, path: str | None = None, precision: str | None = None):
         raise Fatal(str(err)) from None
     if args.device == "cuda" and bundle.provider != "CUDAExecutionProvider":
         raise Fatal("--device cuda: onnxruntime cannot use CUDA on this machine (use --device cpu or auto)")
-    if path is None and args.hubness == "on" and not bundle.has_hubness:
-        from clipteacher.runtime.bundle import missing_hubness
-
-        raise Fatal(f"--hubness on: {missing_hubness(bundle.folder)}")
+    try:
+        if path is None:  # --compare-bundle models serve their own default
+            check_hubness(bundle.meta, bundle.folder, args.hubness_on)
+    except ValueError as err:
+        raise Fatal(f"--hubness on: {err}") from None
     try:
         bundle.embed_text(args.name_list, args.template_list)  # once, before the first image
     except ValueError as err:
@@ -217,14 +219,16 @@ def run_ray(args, paths: list, stems: list[str], out: Path) -> dict:
     from clipteacher.runtime.resolve import StartupError, resolve_bundle
     from clipteacher.serve import ray_data
 
+    from clipteacher.runtime.bundle import check_hubness, read_meta
+
     try:
         bundle_dir = resolve_bundle(args.bundle)
     except (StartupError, FileNotFoundError, ValueError) as err:
         raise Fatal(str(err)) from None
-    if args.hubness == "on" and not ray_data.bundle_has_hubness(bundle_dir):
-        from clipteacher.runtime.bundle import missing_hubness
-
-        raise Fatal(f"--hubness on: {missing_hubness(bundle_dir)}")
+    try:  # here, once, rather than in every actor
+        check_hubness(read_meta(bundle_dir), bundle_dir, args.hubness_on)
+    except (FileNotFoundError, ValueError) as err:
+        raise Fatal(f"--hubness on: {err}") from None
     try:
         return ray_data.run(args, [str(p) for p in paths], stems, out, bundle_dir, DEVICES[args.device])
     except ray_data.RayStartError as err:

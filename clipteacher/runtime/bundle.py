@@ -67,9 +67,22 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def missing_hubness(folder) -> str:
-    """The one line for asking a bundle without a hubness reference for the correction."""
-    return f"{Path(folder).name} has no hubness reference; export it again to add one"
+def read_meta(folder: str | Path) -> dict:
+    """A bundle folder's bundle.json, checked to be this format (what the driver of a Ray job reads, not opening
+    the graphs that its actors open)."""
+    path = Path(folder) / "bundle.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"not a bundle (no bundle.json): {folder}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected '{BUNDLE_FORMAT}'")
+    return meta
+
+
+def check_hubness(meta: dict, folder: str | Path, on: bool | None) -> None:
+    """Raise ValueError (one line) when `on` asks for the hubness correction that the bundle has no reference for."""
+    if on and not meta.get("hubness"):
+        raise ValueError(f"{Path(folder).name} has no hubness reference; export it again to add one")
 
 
 class Bundle:
@@ -85,12 +98,7 @@ class Bundle:
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: list[str] | None = None,
                  verify: bool = True, verbose: bool = True, threads: int | None = None, spin: bool = True):
         self.folder = Path(folder)
-        path = self.folder / "bundle.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"not a bundle (no bundle.json): {self.folder}")
-        self.meta = meta = json.loads(path.read_text())
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{path}: format {meta.get('format')!r}, expected '{BUNDLE_FORMAT}'")
+        self.meta = meta = read_meta(self.folder)
         if verify:
             for name, digest in meta["checksums"].items():
                 if not (self.folder / name).is_file() or sha256_file(self.folder / name) != digest:
@@ -246,10 +254,9 @@ class Bundle:
         ref = self.meta.get("hubness")
         if on is None:
             on = self.hubness_default
+        check_hubness(self.meta, self.folder, on)
         if not on:
             return np.zeros(len(text), np.float32)
-        if not ref:
-            raise ValueError(missing_hubness(self.folder))
         mean = np.asarray(ref["mean"], dtype=np.float32)
         return (-float(ref["strength"]) * self.logit_scale * (text @ mean)).astype(np.float32)
 

@@ -47,11 +47,6 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
                             f"start the cluster (`ray start --head`) or unset RAY_ADDRESS") from None
 
 
-def bundle_has_hubness(folder: Path) -> bool:
-    """`Bundle.has_hubness` read from bundle.json alone: the driver does not open the bundle's graphs, the actors do."""
-    return bool(json.loads((Path(folder) / "bundle.json").read_text()).get("hubness"))
-
-
 def read_path_list(uri: str) -> list[str]:
     """A Parquet or CSV file (local path or pyarrow URI) -> the strings of its `path` column."""
     import pyarrow.csv
@@ -164,7 +159,7 @@ def run(args, paths: list[str], stems: list[str], out: Path, bundle_dir: Path, p
                                                "names": args.name_list, "gamma": args.gamma,
                                                "templates": args.template_list, "overlay": args.overlay,
                                                "threads": 1, "providers": providers,
-                                               "hubness": getattr(args, "hubness_on", None)})
+                                               "hubness": args.hubness_on})
     with Summary(out, resume=args.skip_existing) as summary, \
             tqdm(total=len(todo), unit="img", file=sys.stderr, disable=None) as bar:
         for row in ds.iter_rows():
