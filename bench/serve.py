@@ -6,7 +6,8 @@
 Everything is measured in one run on this machine, so compare the ratios, not the milliseconds:
   - image pass: the bundle's own student pass on a 512-px image, in this process (Bundle.image_features)
   - protocol floor: a client round trip of /info (an endpoint with no inputs)
-  - new image: upload + /segment + fetching the overlay the browser shows (sequential, one client)
+  - new image: upload + /segment + the overlay the browser shows (a GET of its file, or nothing when the app
+    sends it inside the response) (sequential, one client)
   - vocabulary only: /segment on the already-uploaded image with a new name each time (as the browser
     does when only the names change: it keeps the uploaded file's server path, nothing is re-sent)
   - 16 concurrent clients (each its own images and names): p50/p95, errors, mixed-up answers
@@ -22,6 +23,7 @@ spends ~100 ms of CPU per call itself, on the same 2 cores as the server.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -167,9 +169,12 @@ class Driver:
         return time.perf_counter() - start, out
 
     def fetch(self, value) -> bytes:
-        """GET an output file as the browser does (value: the FileData dict the API returned)."""
+        """An output file's bytes as the browser gets them (value: the FileData dict the API returned): a GET of
+        its URL, or, for a picture the app sent inside the response as a data URL, no request at all."""
         if isinstance(value, dict) and "value" in value and "url" not in value:  # a component update
             value = value["value"]
+        if value["url"].startswith("data:"):
+            return base64.b64decode(value["url"].split(",", 1)[1])
         r = self.http.get(value["url"])
         r.raise_for_status()
         return r.content

@@ -213,12 +213,17 @@ def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path):
     return path
 
 
-def save_jpeg(image: np.ndarray, path: Path, quality: int = 90) -> Path:
-    """H x W x 3 uint8 RGB -> JPEG file (OpenCV's encoder: a few ms for a 1024-px picture)."""
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    """H x W x 3 uint8 RGB -> JPEG bytes (OpenCV's encoder: a few ms for a 1024-px picture)."""
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for an image of shape {image.shape}")
-    path.write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def save_jpeg(image: np.ndarray, path: Path, quality: int = 90) -> Path:
+    """H x W x 3 uint8 RGB -> JPEG file."""
+    path.write_bytes(encode_jpeg(image, quality))
     return path
 
 

@@ -111,3 +111,12 @@ def start_app(bundle: Path, port: int, log: Path, *args: str, env: dict | None =
 
 
 from clipteacher.train.datasets import write_synthetic_layout as make_official_layout  # noqa: E402,F401
+
+
+def inline_bytes(value: dict) -> bytes:
+    """The bytes of a file the app sent inside its response (a FileData whose url is a base64 data URL)."""
+    import base64
+
+    head, data = value["url"].split(",", 1)
+    assert head.startswith("data:") and head.endswith(";base64"), head[:40]
+    return base64.b64decode(data)

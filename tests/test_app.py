@@ -25,7 +25,7 @@ from clipteacher.runtime import resolve as resolver
 from clipteacher.pseudo import regions_for_image, vis as pseudo_vis
 from clipteacher.runtime import Bundle
 from clipteacher.config import PLMConfig
-from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, start_app
+from helpers import APP_CLASSES, APP_SEEN, ROOT, TINY_CLIP, free_port, inline_bytes, start_app
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -244,6 +244,21 @@ def test_segment_tab_lists_the_example_images(service):
     assert all(Path(row[0]).is_file() for row in block.examples)
 
 
+def test_the_queue_does_not_summarise_every_request_in_pandas(service, monkeypatch):
+    """Gradio rebuilt a pandas table of up to 10,000 past events after every request, for a monitoring dashboard
+    the app never enables (CPU per request that grew with uptime); the app's queue does not."""
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", raising=False)
+    monkeypatch.delenv("GRADIO_ANALYTICS_MAX_EVENTS", raising=False)
+    queue = ui.build_demo(service)._queue
+    built = []
+    monkeypatch.setattr(type(queue), "_get_df", staticmethod(lambda records: built.append(len(records))))
+    records = [{"function": "segment", "status": "success", "process_time": 0.1}]
+    for _ in range(50):
+        queue.events_recorded += 1
+        queue.compute_analytics_summary(records)
+    assert built == [] and queue.ANALYTICS_MAX_EVENTS <= 100
+
+
 def test_pseudo_labels_are_the_training_functions(service, files):
     image, _ = svc.load_image(files / "rgb.png")
     label = svc.load_label(files / "label.png", (60, 80), (60, 80))
@@ -294,10 +309,13 @@ def handlers(service):
 def test_handlers_outputs(handlers, files):
     overlay, legend, shares, mask, status = guarded(handlers.segment)(str(files / "rgb.png"), "sky, grass, zebra",
                                                                        "", 1.0)
-    with Image.open(overlay) as im:  # one picture: the labels' colours over the image
+    assert overlay.name == "rgb_overlay.jpg"  # sent inside the response (inline_image), named for a download
+    with Image.open(io.BytesIO(overlay.data)) as im:  # one picture: the labels' colours over the image
         assert im.format == "JPEG" and im.size == (80, 60)
     assert legend.count('class="swatch"') == len(shares) and all(f"{n} " in legend for n in shares)
-    assert Path(mask).name == "rgb_mask.png" and Path(mask).is_file()
+    assert mask.name == "rgb_mask.png" and mask.mime == "image/png"
+    with Image.open(io.BytesIO(mask.data)) as im:
+        assert im.mode == "P" and im.size == (80, 60) and json.loads(im.info["classes"]) == ["sky", "grass", "zebra"]
     assert " s**" in status and "zebra" in status  # request time; the unseen name is listed
     heat, gallery, status = guarded(handlers.attention)(str(files / "rgb.png"), "sky, grass", "")
     assert heat.shape == (60, 80, 3) and [c for _, c in gallery][0].startswith("sky: max cos ")
@@ -387,7 +405,7 @@ def test_busy_beyond_the_queue_and_concurrent_answers_stay_apart(bundle_dir, fil
             for reply, names in ((first, ["sky", "grass"]), (second, ["cow", "zebra"])):
                 stream = http.get(f"{base}/call/segment/{reply.json()['event_id']}").text
                 data = json.loads(stream.split("event: complete\ndata: ")[1].splitlines()[0])
-                with Image.open(io.BytesIO(http.get(data[3]["url"]).content)) as im:
+                with Image.open(io.BytesIO(inline_bytes(data[3]))) as im:
                     assert json.loads(im.info["classes"]) == names
     finally:
         gate.set()
@@ -482,11 +500,13 @@ def test_gradio_client_segments_through_the_api(bundle_dir, files, tmp_path):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         overlay, legend, shares, mask, status = client.predict(handle_file(str(files / "rgb.png")),
                                                                "sky, grass, zebra", "", 1.5, api_name="/segment")
-        with Image.open(mask) as im:
+        assert mask["orig_name"] == "rgb_mask.png"
+        with Image.open(io.BytesIO(inline_bytes(mask))) as im:
             labels = np.asarray(im)
             assert labels.shape == (60, 80) and json.loads(im.info["classes"]) == ["sky", "grass", "zebra"]
         assert {c["label"] for c in shares["confidences"]} == {["sky", "grass", "zebra"][i] for i in np.unique(labels)}
-        with Image.open(overlay) as im:
+        assert overlay["url"].startswith("data:image/jpeg;base64,")  # inside the reply: nothing more to fetch
+        with Image.open(io.BytesIO(inline_bytes(overlay))) as im:
             assert im.size == (80, 60)
         assert legend.count('class="swatch"') == len(shares["confidences"])
         # gamma as null means the bundle's default; text is refused in one line (Gradio's own slider check
@@ -599,7 +619,7 @@ def test_the_segment_view_runs_on_a_serve_backend_and_draws_the_same_answer(bund
     for name, names, gamma in [("rgb.png", "sky, grass, zebra", 1.0), ("huge.jpg", "cow, lamp", None)]:
         got = guarded(remote.segment)(str(files / name), names, "", gamma)
         want = guarded(handlers.segment)(str(files / name), names, "", gamma)
-        with Image.open(got[3]) as a, Image.open(want[3]) as b:  # the mask PNGs: same labels, names, palette
+        with Image.open(io.BytesIO(got[3].data)) as a, Image.open(io.BytesIO(want[3].data)) as b:  # the mask PNGs
             assert a.size == b.size and a.info["classes"] == b.info["classes"] and a.getpalette() == b.getpalette()
             assert float((np.asarray(a) == np.asarray(b)).mean()) > 0.99
         assert got[2].keys() == want[2].keys() and "Serve replica fake-1" in got[4]

@@ -88,10 +88,12 @@ def test_segment_tab(page, shots):
     shown = {t.rsplit(" ", 1)[0] for t in legend.all_inner_texts()}  # "cow 12%"
     assert shown and shown <= set(NAMES.split(", "))
     overlay = page.locator("#overlay img")
-    assert overlay.first.is_visible() and "_overlay.jpg" in overlay.first.get_attribute("src")
+    # sent inside the response: shown without fetching a file
+    assert overlay.first.is_visible() and overlay.first.get_attribute("src").startswith("data:image/jpeg;base64,")
     page.get_by_text("image pass run").wait_for(timeout=10_000)
-    page.locator("[aria-label='farm_mask.png']").wait_for(timeout=10_000)  # the download
-    assert page.locator("[data-testid=download-link][href$='farm_mask.png']").count() >= 1
+    page.locator("[aria-label='farm_mask.png']").wait_for(timeout=10_000)  # the download, named for the upload
+    link = page.locator("[data-testid=download-link][href^='data:image/png;base64,']")
+    assert link.count() >= 1 and link.first.get_attribute("download") == "farm_mask.png"
     assert page.get_by_text("Share of pixels").is_visible()
     page.wait_for_timeout(500)
     page.screenshot(path=str(shots / "segment.png"), full_page=True)
@@ -144,7 +146,7 @@ def test_compare_tab(page, shots):
     for side in ("teacher", "student"):
         picture = page.locator(f"#compare_{side} img").first
         picture.wait_for(state="visible", timeout=20_000)
-        assert picture.get_attribute("src").endswith(f"_{side}.jpg")
+        assert picture.get_attribute("src").startswith("data:image/jpeg;base64,")  # inside the response
     assert page.locator("#compare_legend .legend-entry").count() >= 1
     page.wait_for_timeout(500)
     page.screenshot(path=str(shots / "compare.png"), full_page=True)

@@ -1,6 +1,7 @@
 """The app's Compare view, Live (camera) frames and video files: service, handlers and API."""
 from __future__ import annotations
 
+import io
 import json
 
 import cv2
@@ -10,7 +11,7 @@ from PIL import Image
 
 from clipteacher.app import service as svc
 from clipteacher.app.ui import Handlers, guarded
-from helpers import free_port, start_app
+from helpers import free_port, inline_bytes, start_app
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,9 @@ def test_handlers(service, media):
     h = Handlers(service)
     teacher, student, legend, status, others = guarded(h.compare)(str(media / "picture.png"), "sky, grass", "", None)
     assert others == []  # no --compare-bundle
-    for path in (teacher, student):
-        with Image.open(path) as im:
+    for picture, who in ((teacher, "teacher"), (student, "student")):  # inside the response (Inline)
+        assert picture.name == f"picture_{who}.jpg"
+        with Image.open(io.BytesIO(picture.data)) as im:
             assert im.size == (128, 96)
     assert "teacher" in status and "student" in status and "agree on" in status and 'class="swatch"' in legend
     frame = np.asarray(Image.open(media / "picture.png"))
@@ -105,7 +107,7 @@ def test_api_compare_and_video(bundle_dir, media, tmp_path):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         teacher, student, legend, status, others = client.predict(handle_file(str(media / "picture.png")), "sky, grass", "",
                                                           None, api_name="/compare")
-        with Image.open(teacher) as a, Image.open(student) as b:
+        with Image.open(io.BytesIO(inline_bytes(teacher))) as a, Image.open(io.BytesIO(inline_bytes(student))) as b:
             assert a.size == b.size == (128, 96)
         video, status = client.predict(handle_file(str(media / "clip.avi")), "sky, grass", "", None,
                                        api_name="/video")

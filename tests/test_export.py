@@ -328,3 +328,51 @@ print("torch-free")
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "torch-free"
     assert "ExecutionProvider" in res.stdout
+
+
+def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(bundle_dir):
+    """solo_threads: the student and classifier calls that start while nothing else runs use the all-core copy;
+    one that starts while another is in flight uses the per-request session; the answers are the same."""
+    import threading
+
+    bundle = Bundle(bundle_dir, verbose=False, threads=1, spin=False, solo_threads=2)
+    for options in (bundle._options, bundle._solo_options):  # both copies draw from the process's one arena
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    alone = bundle.segment(image, ["sky", "cow"])
+    assert bundle.solo_calls == 2  # the student and the classifier
+    bundle.embed_text(["a name never embedded"])
+    assert bundle.solo_calls == 2  # the text encoder has no solo copy
+
+    solo = bundle._session("student", solo=True)
+    entered, release, plain = threading.Event(), threading.Event(), bundle._session("student")
+    run = solo.run
+
+    def held(*args, **kwargs):  # a lone call that is still computing while the next one starts
+        entered.set()
+        release.wait(30)
+        return run(*args, **kwargs)
+
+    solo.run = held
+    try:
+        first = threading.Thread(target=bundle.image_features, args=(image,))
+        first.start()
+        assert entered.wait(30)
+        plain_calls = []
+        plain_run = plain.run
+        plain.run = lambda *a, **k: plain_calls.append(1) or plain_run(*a, **k)
+        concurrent = bundle.image_features(image)
+        assert plain_calls == [1] and bundle.solo_calls == 3  # only the held call went solo
+    finally:
+        release.set()
+        first.join(30)
+        solo.run = run
+    np.testing.assert_allclose(concurrent, bundle.image_features(image), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(alone, bundle.segment(image, ["sky", "cow"]))
+
+
+def test_no_solo_session_without_more_threads_than_a_request_has(bundle_dir):
+    for threads, solo in ((2, 2), (1, None), (1, 0)):
+        bundle = Bundle(bundle_dir, verbose=False, threads=threads, solo_threads=solo)
+        bundle.segment(np.zeros((40, 40, 3), np.uint8), ["sky"])
+        assert bundle.solo_threads is None and bundle.solo_calls == 0

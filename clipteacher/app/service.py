@@ -32,7 +32,7 @@ from clipteacher.io import resize_short
 from clipteacher.request import (MAX_ASPECT, MAX_CLASSES, MAX_GAMMA, MAX_NAME_CHARS, MAX_PIXELS, MAX_SIDE, MIN_SIDE,  # noqa: F401
                                  UserError, fit, heat_overlay, hex_color, image_size, legend_html, load_image,
                                  load_label, mask_png, parse_gamma, parse_names, parse_templates, parse_windows,
-                                 save_jpeg, shares_of)
+                                 encode_jpeg, save_jpeg, shares_of)
 
 CACHE_IMAGES = 8  # images whose model outputs are kept
 OVERLAY_OPACITY = 0.6  # of the class colours over the image

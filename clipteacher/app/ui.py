@@ -12,7 +12,9 @@ The example pictures ship inside the package (`examples_dir`), so an installed w
 from __future__ import annotations
 
 import atexit
+import base64
 import functools
+import io
 import importlib.resources
 import logging
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio.data_classes import ImageData
 
 from clipteacher.app import service as svc
 from clipteacher.io import process_alive
@@ -109,6 +112,35 @@ class CheckedModel:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+@dataclass(frozen=True)
+class Inline:
+    """A handler's file for an `inline_output`: its bytes, MIME type and the name a download gets."""
+
+    data: bytes
+    name: str
+    mime: str = "image/jpeg"
+
+    @classmethod
+    def jpeg(cls, image: np.ndarray, name: str) -> "Inline":
+        return cls(svc.encode_jpeg(image), name)
+
+
+def inline_output(component):
+    """An output component (gr.Image, gr.File) whose file travels inside the response as a data URL (the handler
+    returns an Inline), so the browser shows the result without fetching a file: one HTTP round trip and one
+    file written, hashed and copied into Gradio's cache fewer per output. Gradio leaves a FileData without a
+    path where it is, and its components show and download a data URL as they do a file's URL."""
+    def postprocess(value):
+        if not isinstance(value, Inline):
+            return None
+        url = f"data:{value.mime};base64," + base64.b64encode(value.data).decode("ascii")
+        # ImageData for gr.File too: the same fields as FileData, but its path may be empty
+        return ImageData(url=url, orig_name=value.name, mime_type=value.mime, size=len(value.data))
+
+    component.postprocess = postprocess
+    return component
 
 
 def checked(component, what: str):
@@ -206,11 +238,11 @@ class Handlers:
 
     @interactive
     def segment(self, image, names, templates, gamma):
-        """Segment `image` into the typed class names. Returns (overlay JPEG, legend HTML, share of
-        pixels per class, mask PNG (pixel = index into the names), status text).
+        """Segment `image` into the typed class names. Returns (overlay JPEG, legend HTML, share of pixels per
+        class, mask PNG (pixel = index into the names), status text); the two files are Inline.
 
-        One JPEG of the coloured labels over the image is all the browser fetches to show the
-        result (not the input again, nor an image per class); the mask PNG is fetched on a click."""
+        One JPEG of the coloured labels over the image is all the browser needs to show the result (not the input
+        again, nor an image per class); both files come inside the response, so nothing is written to disk."""
         start = time.perf_counter()
         picture = self._image(image)
         if self.service.backend is not None:  # the Serve deployment computes; this process draws
@@ -218,10 +250,10 @@ class Handlers:
         else:
             seg = self.service.segment(picture, names, templates, gamma)
         warn(seg.notes)
-        folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
-        overlay = svc.save_jpeg(pseudo_vis.overlay(picture, seg.labels, svc.OVERLAY_OPACITY, seg.colors),
-                                folder / f"{stem}_overlay.jpg")
-        mask = svc.mask_png(seg.labels, seg.names, seg.colors, folder / f"{stem}_mask.png")
+        stem = Path(str(image)).stem[:60] or "image"
+        overlay = Inline.jpeg(pseudo_vis.overlay(picture, seg.labels, svc.OVERLAY_OPACITY, seg.colors), f"{stem}_overlay.jpg")
+        mask = Inline(svc.mask_png(seg.labels, seg.names, seg.colors, io.BytesIO()).getvalue(), f"{stem}_mask.png",
+                      "image/png")
         where = (f"Serve replica {seg.replica[:8]}" if seg.replica is not None
                  else self.service.bundle.provider.replace('ExecutionProvider', ''))
         status = (f"**{time.perf_counter() - start:.2f} s** · image pass {'cached' if seg.cached else 'run'} · "
@@ -229,18 +261,17 @@ class Handlers:
         if seg.unseen:
             status += f"  \nOutside the training vocabulary (+γ = {seg.gamma:g}): {', '.join(seg.unseen[:20])}"
             status += " ..." if len(seg.unseen) > 20 else ""
-        return str(overlay), svc.legend_html(seg.names, seg.colors, seg.shares), seg.shares, str(mask), status
+        return overlay, svc.legend_html(seg.names, seg.colors, seg.shares), seg.shares, mask, status
 
     @interactive
     def compare(self, image, names, templates, gamma):
         """The teacher alone (training-free) and the student on the same image and names.
-        Returns (teacher overlay JPEG, student overlay JPEG, legend HTML, status text)."""
+        Returns (teacher overlay Inline, student overlay Inline, legend HTML, status text, others)."""
         picture = self._image(image)
         cmp = self.service.compare(picture, names, templates, gamma)
         warn(cmp.student.notes)
         folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
-        pictures = [str(svc.save_jpeg(pseudo_vis.overlay(picture, labels, svc.OVERLAY_OPACITY, cmp.colors),
-                                      folder / f"{stem}_{who}.jpg"))
+        pictures = [Inline.jpeg(pseudo_vis.overlay(picture, labels, svc.OVERLAY_OPACITY, cmp.colors), f"{stem}_{who}.jpg")
                     for who, labels in (("teacher", cmp.teacher), ("student", cmp.student.labels))]
         shares = {**svc.shares_of(cmp.teacher, cmp.names), **cmp.student.shares}
         agree = float((cmp.teacher == cmp.student.labels).mean())
@@ -387,12 +418,12 @@ def segment_tab(b) -> SimpleNamespace:
         ui.gamma = raw_value(gr.Slider(-5.0, max(5.0, 2 * abs(b.gamma)), value=b.gamma, step=0.05, scale=3,
                                        label="Unseen bias γ (added to names outside the training vocabulary)"))
         ui.run = gr.Button("Segment", variant="primary", scale=1)
-    ui.overlay = gr.Image(label="Segmentation", type="filepath", height=420, interactive=False, elem_id="overlay")
+    ui.overlay = inline_output(gr.Image(label="Segmentation", height=420, interactive=False, elem_id="overlay"))
     ui.legend = gr.HTML(elem_id="legend")
     with gr.Row():
         ui.shares = gr.Label(label="Share of pixels", num_top_classes=10, scale=2, show_heading=False)
         with gr.Column(scale=1):
-            ui.mask = gr.File(label="Mask PNG (pixel = class index)")
+            ui.mask = inline_output(gr.File(label="Mask PNG (pixel = class index)"))
             ui.status = status_line()
     return ui
 
@@ -402,8 +433,8 @@ def compare_tab(others: bool = False) -> SimpleNamespace:
                       "against the names, with no training on masks: what the student learned "
                       "from) and by the **student**, with each image pass's time.", "Compare teacher and student")
     with gr.Row():
-        ui.teacher = gr.Image(label="Teacher alone", type="filepath", interactive=False, elem_id="compare_teacher")
-        ui.student = gr.Image(label="Student", type="filepath", interactive=False, elem_id="compare_student")
+        ui.teacher = inline_output(gr.Image(label="Teacher alone", interactive=False, elem_id="compare_teacher"))
+        ui.student = inline_output(gr.Image(label="Student", interactive=False, elem_id="compare_student"))
     ui.legend = gr.HTML(elem_id="compare_legend")
     ui.status = status_line()
     ui.others = gr.Gallery(label="Other models (clipteacher-app --compare-bundle)", columns=3, height="auto",
@@ -467,6 +498,10 @@ def pseudo_tab(image) -> SimpleNamespace:
 def build_demo(service: svc.Service, serving: Serving | None = None) -> gr.Blocks:
     """The layout (one function per view) and the wiring of every endpoint to its handler."""
     serving = serving or Serving()
+    # Gradio summarises every past event in a pandas table after each request (and keeps 10,000 of them) for a
+    # monitoring dashboard this app does not enable: CPU per request that grows with uptime, for nothing
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**9))
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
     h = Handlers(service)
     b = service.bundle
     with gr.Blocks(title="CLIPTeacher segmentation", delete_cache=(3600, 3600), analytics_enabled=False) as demo:

@@ -1,20 +1,23 @@
 """Serve the Gradio app on an exported bundle (onnxruntime; this process never imports torch).
 
     clipteacher-app [--bundle DIR] [--host H] [--port P] [--precision fp32|int8|fp16]
-                    [--concurrency N] [--queue N] [--threads N] [--max-upload-mb MB] [--hubness on|off]
-                    [--backend URL]
+                    [--concurrency N] [--queue N] [--threads N] [--solo-threads N] [--max-upload-mb MB]
+                    [--hubness on|off] [--backend URL]
 
 Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from the model folder assets/default by
 `clipteacher-export` in a subprocess when missing or made from another checkpoint (the export needs
 torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
-CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_MAX_UPLOAD_MB, CLIPTEACHER_HUBNESS,
+CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_SOLO_THREADS, CLIPTEACHER_MAX_UPLOAD_MB,
+CLIPTEACHER_HUBNESS,
 CLIPTEACHER_DEVICE=auto|cuda|cpu (cuda: exit 2 with the reason instead of falling back to the CPU; see
 clipteacher/runtime/providers.py).
 
 Serving: up to --concurrency model requests run at once (default: the cores, at most 4), each
 onnxruntime session using --threads intra-op threads (default: cores / concurrency, so concurrent
 requests do not oversubscribe the CPU); up to --queue more wait, and beyond that a request is
-answered "busy, try again" (HTTP 503) at once instead of waiting without bound.
+answered "busy, try again" (HTTP 503) at once instead of waiting without bound. On the CPU, a student or
+classifier pass that starts while no other is running uses --solo-threads threads instead (default: the
+cores; 0: off), so a lone request is not held to its share of the cores.
 
 --backend http://HEAD:8000/segment (or CLIPTEACHER_BACKEND): the Segment view and the `segment` API send their
 requests to that Ray Serve deployment (clipteacher/serve/ray_serve.py), so browser users share its replicas with
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests allowed to wait; more are answered 'busy, try again'")
     parser.add_argument("--threads", type=int, default=env("CLIPTEACHER_THREADS"),
                         help="onnxruntime threads per request (default: cores / concurrency)")
+    parser.add_argument("--solo-threads", type=int, default=env("CLIPTEACHER_SOLO_THREADS"),
+                        help="onnxruntime threads of a pass that runs alone (default: the cores; 0: off)")
     parser.add_argument("--max-upload-mb", type=float, default=env("CLIPTEACHER_MAX_UPLOAD_MB", "20"),
                         help="uploads above this size are refused (default 20)")
     parser.add_argument("--compare-bundle", action="append", default=[], metavar="BUNDLE",
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrency = args.concurrency or min(cores, 4)
     threads = args.threads or max(1, cores // concurrency)
+    solo_threads = cores if args.solo_threads is None else args.solo_threads
     from clipteacher.app.ui import Serving
 
     try:
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = Bundle(resolve_bundle(args.bundle), precision=args.precision, verbose=False, threads=threads,
-                        spin=concurrency == 1)  # spinning threads would steal the cores of concurrent requests
+                        spin=concurrency == 1,  # spinning threads would steal the cores of concurrent requests
+                        solo_threads=solo_threads)
     except (StartupError, FileNotFoundError, ValueError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     others = {}
     for path in args.compare_bundle:
         try:
-            other = Bundle(resolve_bundle(path), verbose=False, threads=threads, spin=concurrency == 1)
+            other = Bundle(resolve_bundle(path), verbose=False, threads=threads, spin=concurrency == 1,
+                           solo_threads=solo_threads)
         except (StartupError, FileNotFoundError, ValueError, DeviceError) as err:
             print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
             return 2
@@ -124,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         remote = service.backend_info
         logging.getLogger("clipteacher.app").info("Segment requests go to %s (%s on %s)", backend.url,
                                                   remote.get("bundle"), remote.get("provider"))
-    # load the text encoder and the teacher now, not on the first request
+    # load every graph now, not on the first request
+    bundle.open_sessions()
     bundle.embed_text(["warm-up"])
     bundle.teacher_tokens(np.zeros((32, 32, 3), np.uint8))
     demo = build_demo(service, serving)
     logging.getLogger("clipteacher.app").info(
-        "serving %s on %s: %d request(s) at once, %d thread(s) each, %d may wait, uploads up to %g MB",
-        bundle.folder.name, bundle.provider, concurrency, threads, serving.queue, serving.max_upload_mb)
+        "serving %s on %s: %d request(s) at once, %d thread(s) each (%s alone), %d may wait, uploads up to %g MB",
+        bundle.folder.name, bundle.provider, concurrency, threads, bundle.solo_threads or threads, serving.queue,
+        serving.max_upload_mb)
     # `kill` (SIGTERM) stops the server like Ctrl-C, so the exit handlers remove the app's temporary files
     signal.signal(signal.SIGTERM, _interrupt)
     try:

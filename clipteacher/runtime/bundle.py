@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import cv2
@@ -48,7 +49,10 @@ BUNDLE_FORMAT = "clipteacher-bundle-v1"
 HUBNESS_STRENGTH = 1.0
 HUBNESS_DEFAULT = True  # on: it raised the probe and cost the zero-shot benchmarks at most 0.5 val hIoU (docs/RESULTS.md)
 TEXT_BATCH = 64  # texts per text-encoder run (bounds memory for long vocabularies)
+SOLO_GRAPHS = ("student", "classifier")  # what every request runs; a solo copy of the text encoder or teacher
+# would cost 90 or 30 MB for a few ms on a new name or in the Compare view
 log = logging.getLogger(__name__)
+_arena = {"lock": threading.Lock(), "ready": None}  # the process's shared CPU arena (shared_cpu_arena)
 
 
 def to_input(image: np.ndarray) -> np.ndarray:
@@ -65,6 +69,24 @@ def check_image(image) -> np.ndarray:
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def shared_cpu_arena() -> bool:
+    """Register one CPU memory arena for every onnxruntime session of this process (once); True when in place.
+
+    Each session otherwise grows an arena of its own to its peak and keeps it: with a solo copy of the student
+    next to the per-request one, a server held both peaks (270 MB more over 64 concurrent requests, measured
+    with bench/serve.py's images); sessions that opt in (session.use_env_allocators) draw from one pool."""
+    with _arena["lock"]:
+        if _arena["ready"] is None:
+            try:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
+                _arena["ready"] = True
+            except Exception as err:  # noqa: BLE001 - an onnxruntime without it: per-session arenas, as before
+                log.info("no shared CPU arena (%s); each session keeps its own", err)
+                _arena["ready"] = False
+        return _arena["ready"]
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -93,10 +115,14 @@ class Bundle:
     verify: check every file's sha256 against bundle.json.
     threads: onnxruntime intra-op threads per session (None: onnxruntime's default, all cores).
     spin: let idle onnxruntime threads spin-wait (fastest alone; off when requests run concurrently).
+    solo_threads: on the CPU, a second session of the student and classifier graphs with this many intra-op
+        threads (never spinning) runs each of their calls that starts while no other call is running, so a lone
+        request uses all the cores and concurrent ones keep `threads` each (None: one session per graph).
     """
 
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: list[str] | None = None,
-                 verify: bool = True, verbose: bool = True, threads: int | None = None, spin: bool = True):
+                 verify: bool = True, verbose: bool = True, threads: int | None = None, spin: bool = True,
+                 solo_threads: int | None = None):
         self.folder = Path(folder)
         self.meta = meta = read_meta(self.folder)
         if verify:
@@ -108,11 +134,24 @@ class Bundle:
             raise ValueError(f"precision '{precision}' is not in bundle {self.folder}; "
                              f"exported: {', '.join(k for k in meta['files'] if k.startswith('student'))}")
         self.precision = precision
+        self._student_file = meta["files"][key]
         self._options = ort.SessionOptions()
         if threads:
             self._options.intra_op_num_threads = int(threads)
         if not spin:
             self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        shared = shared_cpu_arena()
+        if shared:
+            self._options.add_session_config_entry("session.use_env_allocators", "1")
+        self._solo_options = None
+        self.solo_threads = None  # set when the solo sessions are in use
+        if solo_threads and int(solo_threads) > int(threads or 0):
+            self._solo_options = ort.SessionOptions()
+            self._solo_options.intra_op_num_threads = int(solo_threads)
+            # a spinning pool would hold the cores after the call, from the next request's Python work
+            self._solo_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if shared:
+                self._solo_options.add_session_config_entry("session.use_env_allocators", "1")
         self.vocabulary: list[str] = meta["vocabulary"]
         self.gamma = float(meta["gamma"])
         self.logit_scale = float(meta["logit_scale"])
@@ -133,7 +172,14 @@ class Bundle:
         log.info(msg)
         if verbose:
             print(msg)
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        if self.provider != "CPUExecutionProvider":
+            self._solo_options = None  # the threads do not matter on a GPU
+        if self._solo_options is not None:
+            self.solo_threads = int(solo_threads)
+        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {("student", False): self._student}
+        self._running = 0  # graph calls in flight (`_call` picks the solo session when there are none)
+        self._running_lock = threading.Lock()
+        self.solo_calls = 0  # graph calls that ran on the solo session (tests and benches read it)
         self._tokenizer = None
 
     @property
@@ -155,17 +201,37 @@ class Bundle:
         self._student, chosen, self.fallback_reason = open_session(create, providers)
         return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
-    def _session(self, key: str) -> ort.InferenceSession:
-        """Lazily created session for meta['files'][key] (teacher and text encoder load only when used)."""
-        if key not in self._sessions:
-            self._sessions[key] = ort.InferenceSession(str(self.folder / self.meta["files"][key]), self._options,
-                                                       providers=self._providers)
-        return self._sessions[key]
+    def _session(self, key: str, solo: bool = False) -> ort.InferenceSession:
+        """Lazily created session for meta['files'][key] (teacher and text encoder load only when used);
+        solo: the one with `solo_threads` threads."""
+        if (key, solo) not in self._sessions:
+            file = self._student_file if key == "student" else self.meta["files"][key]
+            self._sessions[(key, solo)] = ort.InferenceSession(
+                str(self.folder / file), self._solo_options if solo else self._options, providers=self._providers)
+        return self._sessions[(key, solo)]
 
-    @staticmethod
-    def _run(sess: ort.InferenceSession, feed: dict) -> list[np.ndarray]:
-        # an exported graph drops inputs it does not use (CLIP's attention_mask)
-        return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+    def open_sessions(self) -> None:
+        """Create every graph's session now (a server does so before its first request): the teacher, the text
+        encoder, the classifiers and the solo copies."""
+        for key in self.meta["files"]:
+            if key in ("teacher", "text_encoder", "classifier", "cosine"):
+                self._session(key)
+        for key in SOLO_GRAPHS if self._solo_options is not None else ():
+            self._session(key, solo=True)
+
+    def _call(self, key: str, feed: dict) -> list[np.ndarray]:
+        """Run graph `key` on `feed` (names it does not take are left out: an exported graph drops inputs it does
+        not use, such as CLIP's attention_mask), on the solo session when no other call is running."""
+        with self._running_lock:
+            solo = self._solo_options is not None and self._running == 0 and key in SOLO_GRAPHS
+            self._running += 1
+            self.solo_calls += solo
+        try:
+            sess = self._session(key, solo)
+            return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     # ------------------------------------------------------------------ image
 
@@ -178,7 +244,7 @@ class Bundle:
         if len({check_image(image).shape for image in images}) != 1:
             raise ValueError("batch_features needs one or more images of one size")
         x = np.concatenate([to_input(resize_short(image, size or self.eval_size)) for image in images])
-        return self._student.run(None, {"image": x})[0]
+        return self._call("student", {"image": x})[0]
 
     def classify(self, features: np.ndarray, class_embeddings: np.ndarray, bias: np.ndarray | None = None,
                  out_size: tuple[int, int] | None = None, unseen: np.ndarray | None = None,
@@ -200,7 +266,7 @@ class Bundle:
         if out_size is None:
             out_size = (features.shape[2] * self.stride, features.shape[3] * self.stride)
         unseen = np.zeros(len(text), np.float32) if unseen is None else np.asarray(unseen, dtype=np.float32).reshape(-1)
-        logits, labels = self._run(self._session(graph), {
+        logits, labels = self._call(graph, {
             "features": features.astype(np.float32, copy=False), "class_embeddings": text, "bias": bias,
             "unseen": unseen, "out_size": np.asarray(out_size[:2], dtype=np.int64)})
         return labels[0], logits[0]
@@ -226,7 +292,7 @@ class Bundle:
         The image is resized (aspect not kept) to the teacher's square input size, as in training."""
         s = self.teacher_input_size
         x = to_input(cv2.resize(check_image(image), (s, s), interpolation=cv2.INTER_LINEAR))
-        cls, dense = self._session("teacher").run(None, {"image": x})
+        cls, dense = self._call("teacher", {"image": x})
         return cls[0], dense[0]
 
     # ------------------------------------------------------------------ text
@@ -288,8 +354,8 @@ class Bundle:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Raw texts (already prompted) -> B x D unit embeddings through the text encoder."""
-        sess = self._session("text_encoder")
-        out = [self._run(sess, self.tokenize(texts[i: i + TEXT_BATCH]))[0] for i in range(0, len(texts), TEXT_BATCH)]
+        out = [self._call("text_encoder", self.tokenize(texts[i: i + TEXT_BATCH]))[0]
+               for i in range(0, len(texts), TEXT_BATCH)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def clear_text_cache(self) -> None:
