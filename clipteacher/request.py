@@ -209,7 +209,8 @@ def mask_png(labels: np.ndarray, names: list[str], colors: np.ndarray, path):
     im.putpalette(palette.ravel().tolist())
     info = PngImagePlugin.PngInfo()
     info.add_itxt("classes", json.dumps(names, ensure_ascii=False))
-    im.save(path, format="PNG", pnginfo=info)  # a path or a binary file object
+    # a path or a binary file object; level 1: a third of the default's time for a file ~15% larger (a few KB)
+    im.save(path, format="PNG", pnginfo=info, compress_level=1)
     return path
 
 

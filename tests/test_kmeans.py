@@ -254,6 +254,14 @@ def test_colorize_overlay_legend():
     assert entries[0][1] == pytest.approx(3 / 6) and entries[1][1] == pytest.approx(2 / 6)
 
 
+def test_colorize_wraps_and_marks_none_with_and_without_the_fast_path():
+    pal = region_palette(3)
+    inside = np.array([[2, 0], [1, 1]])  # ids within the palette (the app's labels)
+    np.testing.assert_array_equal(colorize(inside, pal), np.array([[pal[2], pal[0]], [pal[1], pal[1]]]))
+    beyond = np.array([[0, 4, -1]])  # 4 wraps to 1; -1 is "none"
+    np.testing.assert_array_equal(colorize(beyond, pal), np.array([[pal[0], pal[1], NONE_RGB]], np.uint8))
+
+
 def test_panel_renders():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)

@@ -67,24 +67,27 @@ class VocabClassifierOnnx(ClassifierOnnx):
         self.dim = student.embed_dim
 
     def scores(self, features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        fine, coarse = unpack_coarse(features, self.dim)
+        _, coarse = unpack_coarse(features, self.dim)
         if self.gate is None:
             g = self.mix / (1 + self.mix)
         else:
             g = torch.sigmoid(self.gate(class_embeddings)).view(1, -1, 1, 1)  # 1 x C x 1 x 1
-        head = cosines(fine, class_embeddings)
+        # the MLP feature scored in place: slicing it out of the packed array copied all of it (a third of the graph)
+        head = cosines(features, class_embeddings)
         mix = torch.matmul(class_embeddings, coarse.flatten(2)).unflatten(2, coarse.shape[2:])  # unit mixture
-        mix = F.interpolate(mix, size=fine.shape[2:], mode="bilinear", align_corners=False)
+        mix = F.interpolate(mix, size=features.shape[2:], mode="bilinear", align_corners=False)
         return head + g * (mix - head)
 
 
 def cosines(features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-    """features B x D x h x w, class_embeddings C x D (unit) -> B x C x h x w cosines, written for onnxruntime's
+    """features B x F x h x w whose first D channels are the vectors (F >= D; the rest are left out by zero
+    weights, not sliced away), class_embeddings C x D (unit) -> B x C x h x w cosines, written for onnxruntime's
     CPU kernels: MatMuls instead of an Einsum, and the feature norm divides the C x N products rather than the
     D x N features (its Einsum, ReduceL2 and D x N Div were 3x slower in all)."""
-    flat = features.flatten(2)  # B x D x N
-    dots = torch.matmul(class_embeddings, flat)  # B x C x N
-    norms = torch.matmul(torch.ones_like(class_embeddings[:1]), flat * flat).sqrt()  # B x 1 x N
+    flat = features.flatten(2)  # B x F x N
+    extra = features.shape[1] - class_embeddings.shape[1]
+    dots = torch.matmul(F.pad(class_embeddings, (0, extra)), flat)  # B x C x N
+    norms = torch.matmul(F.pad(torch.ones_like(class_embeddings[:1]), (0, extra)), flat * flat).sqrt()  # B x 1 x N
     return (dots / norms.clamp_min(1e-12)).unflatten(2, features.shape[2:])
 
 

@@ -50,7 +50,9 @@ def colorize(ids: np.ndarray, palette=None) -> np.ndarray:
         raise ValueError(f"colorize: need an h x w id map, got shape {ids.shape}")
     palette = _palette_for(ids, palette)
     table = np.vstack([palette, np.asarray(NONE_RGB, np.uint8)[None]])  # the last row for -1
-    return np.take(table, np.where(ids >= 0, ids % len(palette), len(palette)), axis=0)  # 10x faster than table[idx]
+    if ids.size and 0 <= ids.min() and ids.max() < len(palette):  # the app's labels: no -1, no wrap
+        return np.take(table, ids, axis=0)  # 10x faster than table[idx]; the where/modulo below is 4x the take
+    return np.take(table, np.where(ids >= 0, ids % len(palette), len(palette)), axis=0)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
