@@ -342,6 +342,9 @@ def main() -> None:
         print(f"  {args.clients} concurrent clients      p50 {ms(statistics.median(lat)) if lat else '-'}  p95 {ms(p95)}  "
               f"errors {len(errors)}  mixed-up {mixed} of {len(results)}   target p95 <= 4 x single p50 = {ms(4 * n50)}: "
               f"{'met' if lat and p95 <= 4 * n50 and not errors and not mixed else 'MISSED'}")
+        fair = 1.3 * args.clients / multi_throughput  # issue 23: no request starves under a closed loop
+        print(f"  {'':26s} p95 <= 1.3 x ({args.clients} / throughput) = {ms(fair)} (issue 23's fairness): "
+              f"{'met' if lat and p95 <= fair else 'MISSED'}")
         ratio = multi_throughput / single_throughput
         print(f"  throughput                 1 client {single_throughput:.2f}/s  {args.clients} clients "
               f"{multi_throughput:.2f}/s  = {ratio:.2f}x   target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'}, "

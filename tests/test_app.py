@@ -196,6 +196,21 @@ def test_segment_and_vocabulary_change_reuses_the_image_pass(service, files):
     assert service.passes["student"] == before + 2
 
 
+def test_the_cache_keeps_cache_images_per_graph(bundle_dir, files):
+    """Each graph keeps the outputs of its last `cache_images` images: with only student passes the cache held twice
+    as many (the bound was on all entries), and the vocabulary head's features are 10 MB an image."""
+    service = svc.Service(Bundle(bundle_dir, verbose=False), cache_images=2)
+    image, _ = svc.load_image(files / "rgb.png")
+    images = [np.roll(image, 7 * k, axis=1) for k in range(4)]
+    for picture in images:
+        service.features(picture)
+    assert service.passes["student"] == 4
+    service.teacher_tokens(images[0])
+    assert service.features(images[3])[1] and service.features(images[2])[1]  # the last two: cached
+    assert not service.features(images[1])[1] and not service.features(images[0])[1]  # the first two: gone
+    assert service.teacher_tokens(images[0])[1]  # student entries never push out the teacher's
+
+
 def test_gamma_moves_pixels_to_unseen_names(service, files):
     image, _ = svc.load_image(files / "rgb.png")
     low = service.segment(image, "sky, grass, zebra", gamma=-svc.MAX_GAMMA)
