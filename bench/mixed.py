@@ -5,7 +5,7 @@
 
 The app is started the README way (`app/run.py`, default serving settings plus `--long-jobs`). Phases,
 in one run on this machine (compare the ratio, not the milliseconds):
-  1. idle: `--images` sequential new-image requests (upload + /segment + the overlay fetch, as the
+  1. idle: `--images` sequential new-image requests (upload + /segment + the overlay, as the
      browser does), nothing else running;
   2. mixed: `--videos` /video requests of `--seconds`-long clips are started; once the first frames
      have come back, the same kind of requests are sent again, and only those that finish while

@@ -13,8 +13,9 @@ Everything is measured in one run on this machine, so compare the ratios, not th
   - 16 concurrent clients (each its own images and names): p50/p95, errors, mixed-up answers
     (a mask whose class list, size or labels do not match the client's own request), throughput
   - server RSS after `--total` requests, and the format-string template's refusal time and RSS growth
-The mask PNG is not fetched in the timed part (the browser downloads it only on a click); the
-concurrent phase fetches it afterwards to check each answer.
+Outputs the app sends as files are fetched as the browser fetches them (the overlay in the timed part, the mask
+PNG only afterwards, to check each answer: the browser downloads it on a click); outputs it sends inside the
+response as data URLs cost no request.
 
 Clients (--client): 'http' (default) calls Gradio's REST API (POST /gradio_api/call/<api>, then its
 event stream) with one session per client, like a browser tab; 'gradio' uses gradio_client, which
@@ -154,7 +155,7 @@ class Driver:
 
     def segment(self, image, names: list[str], templates: str = "", fetch_overlay: bool = True):
         """image: a local Path (uploaded now) or an uploaded file reference.
-        -> (seconds, outputs) including the overlay fetch, as the browser shows the result."""
+        -> (seconds, outputs) including the overlay's fetch when it is a file, as the browser shows the result."""
         start = time.perf_counter()
         if isinstance(image, Path):
             if self.client is not None:
@@ -342,7 +343,7 @@ def main() -> None:
         print(f"  {args.clients} concurrent clients      p50 {ms(statistics.median(lat)) if lat else '-'}  p95 {ms(p95)}  "
               f"errors {len(errors)}  mixed-up {mixed} of {len(results)}   target p95 <= 4 x single p50 = {ms(4 * n50)}: "
               f"{'met' if lat and p95 <= 4 * n50 and not errors and not mixed else 'MISSED'}")
-        fair = 1.3 * args.clients / multi_throughput  # issue 23: no request starves under a closed loop
+        fair = 1.3 * args.clients / max(multi_throughput, 1e-9)  # issue 23: no request starves under a closed loop
         print(f"  {'':26s} p95 <= 1.3 x ({args.clients} / throughput) = {ms(fair)} (issue 23's fairness): "
               f"{'met' if lat and p95 <= fair else 'MISSED'}")
         ratio = multi_throughput / single_throughput

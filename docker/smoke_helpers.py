@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
+import base64
 import glob
+import io
 import json
 import os
 import re
@@ -104,6 +106,14 @@ def human(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def inline_bytes(value: dict) -> bytes:
+    """A file the app sends inside its response: a FileData whose url is a base64 data URL."""
+    head, _, data = str(value.get("url") or "").partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64")):
+        raise SystemExit(f"api: expected a file inside the response (a data URL), got {str(value)[:80]}")
+    return base64.b64decode(data)
+
+
 def api(url: str, image: str, names: str) -> str:
     """/info and /segment on the running app; the mask must be the image's size with labels in the names."""
     import numpy as np
@@ -112,13 +122,13 @@ def api(url: str, image: str, names: str) -> str:
 
     client = Client(url, verbose=False)
     info = client.predict(api_name="/info")
-    overlay, _, shares, mask_path, _ = client.predict(handle_file(image), names, "", 1.5, api_name="/segment")
+    overlay, _, shares, mask, _ = client.predict(handle_file(image), names, "", 1.5, api_name="/segment")
     wanted = [n.strip() for n in names.split(",")]
     with Image.open(image) as im:
         size = im.size
-    with Image.open(mask_path) as im:
+    with Image.open(io.BytesIO(inline_bytes(mask))) as im:
         labels, classes, mask_size = np.asarray(im), json.loads(im.info["classes"]), im.size
-    with Image.open(overlay) as im:
+    with Image.open(io.BytesIO(inline_bytes(overlay))) as im:
         overlay_size = im.size
     present = sorted({wanted[i] for i in np.unique(labels)}) if labels.max() < len(wanted) else None
     problems = [p for p, bad in [(f"mask {mask_size} for an image of {size}", mask_size != size),

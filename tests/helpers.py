@@ -113,10 +113,16 @@ def start_app(bundle: Path, port: int, log: Path, *args: str, env: dict | None =
 from clipteacher.train.datasets import write_synthetic_layout as make_official_layout  # noqa: E402,F401
 
 
-def inline_bytes(value: dict) -> bytes:
-    """The bytes of a file the app sent inside its response (a FileData whose url is a base64 data URL)."""
-    import base64
 
-    head, data = value["url"].split(",", 1)
-    assert head.startswith("data:") and head.endswith(";base64"), head[:40]
-    return base64.b64decode(data)
+def _smoke_helpers():
+    """docker/smoke_helpers.py (a script, not a package module): docker/smoke.sh's checks of a running app."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke_helpers", ROOT / "docker" / "smoke_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+smoke_helpers = _smoke_helpers()
+inline_bytes = smoke_helpers.inline_bytes  # a file the app sent inside its response (a base64 data URL) -> bytes

@@ -96,6 +96,27 @@ def test_handlers(service, media):
     assert guarded(h.live)(None, "sky", "", None, [])[0] is None  # the camera is not started yet
 
 
+def test_solo_passes_leave_videos_alone_and_compare_says_the_threads(bundle_dir, media, tmp_path):
+    """With solo sessions (clipteacher-app --solo-threads), a lone Segment pass runs on both threads; video frames never
+    do (a long job must not hold every core), and Compare gives no speed ratio for passes run on different threads."""
+    from clipteacher.runtime import Bundle
+
+    service = svc.Service(Bundle(bundle_dir, verbose=False, threads=1, spin=False, solo_threads=2))
+    before = service.bundle.solo_calls
+    _, frames, _ = service.segment_video(media / "clip.avi", "sky, grass", tmp_path / "clip.webm")
+    assert frames == 12 and service.bundle.solo_calls == before
+    h = Handlers(service)
+    guarded(h.segment)(str(media / "picture.png"), "sky, grass", "", None)
+    assert service.bundle.solo_calls == before + 2  # the student and the classifier, alone
+    status = guarded(h.compare)(str(media / "picture.png"), "sky, grass", "", None)[3]
+    assert "teacher **" in status and " on 1 thread," in status and " on 2 threads" in status
+    assert "x)" not in status.split("·")[0]  # no teacher / student ratio
+    # the plain service: both passes on the same threads, so the ratio is shown
+    plain = guarded(Handlers(svc.Service(Bundle(bundle_dir, verbose=False, threads=1))).compare)(
+        str(media / "picture.png"), "sky, grass", "", None)[3]
+    assert "x)" in plain.split("·")[0] and " thread" not in plain.split("·")[0]
+
+
 def test_api_compare_and_video(bundle_dir, media, tmp_path):
     """/compare and /video through gradio_client (its client cannot drive the streaming /live endpoint;
     the browser test does)."""

@@ -273,11 +273,8 @@ def test_smoke_pip_settings_carry_the_files_they_name(tmp_path):
     """A pip config with a constraint line (as on this machine) names a host file; the build sees only the
     mounted folder, so the file must be copied there and the setting point at it (the build failed with
     'Could not open requirements file' before)."""
-    import importlib.util
+    from helpers import smoke_helpers as helpers
 
-    spec = importlib.util.spec_from_file_location("smoke_helpers", ROOT / "docker" / "smoke_helpers.py")
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
     host = tmp_path / "host"
     host.mkdir()
     (host / "constraints.txt").write_text("torch<=2.14.1\n")

@@ -340,13 +340,16 @@ def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(b
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     alone = bundle.segment(image, ["sky", "cow"])
-    assert bundle.solo_calls == 2  # the student and the classifier
+    assert bundle.solo_calls == 2 and bundle.last_threads == 2  # the student and the classifier, on both threads
     bundle.embed_text(["a name never embedded"])
-    assert bundle.solo_calls == 2  # the text encoder has no solo copy
+    assert bundle.solo_calls == 2 and bundle.last_threads == 1  # the text encoder has no solo copy
+    with bundle.without_solo():  # a long job's calls
+        np.testing.assert_array_equal(bundle.segment(image, ["sky", "cow"]), alone)
+    assert bundle.solo_calls == 2 and bundle.last_threads == 1
 
     solo = bundle._session("student", solo=True)
     entered, release, plain = threading.Event(), threading.Event(), bundle._session("student")
-    run = solo.run
+    run, plain_run = solo.run, plain.run
 
     def held(*args, **kwargs):  # a lone call that is still computing while the next one starts
         entered.set()
@@ -359,7 +362,6 @@ def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(b
         first.start()
         assert entered.wait(30)
         plain_calls = []
-        plain_run = plain.run
         plain.run = lambda *a, **k: plain_calls.append(1) or plain_run(*a, **k)
         concurrent = bundle.image_features(image)
         assert plain_calls == [1] and bundle.solo_calls == 3  # only the held call went solo
@@ -367,12 +369,13 @@ def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(b
         release.set()
         first.join(30)
         solo.run = run
+        plain.run = plain_run
     np.testing.assert_allclose(concurrent, bundle.image_features(image), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(alone, bundle.segment(image, ["sky", "cow"]))
 
 
 def test_no_solo_session_without_more_threads_than_a_request_has(bundle_dir):
-    for threads, solo in ((2, 2), (1, None), (1, 0)):
+    for threads, solo in ((2, 2), (1, None), (1, 0), (None, 2)):  # None: onnxruntime's default, all cores
         bundle = Bundle(bundle_dir, verbose=False, threads=threads, solo_threads=solo)
         bundle.segment(np.zeros((40, 40, 3), np.uint8), ["sky"])
         assert bundle.solo_threads is None and bundle.solo_calls == 0

@@ -67,6 +67,8 @@ class Comparison:
     student_seconds: float  # the student's image pass (when it ran)
     cached: bool  # the teacher's pass came from the cache
     others: list = field(default_factory=list)  # (label, Segmentation, image-pass seconds) per --compare-bundle
+    teacher_threads: int | None = None  # onnxruntime threads each pass ran on (None: onnxruntime's default, all cores)
+    student_threads: int | None = None
 
 
 @dataclass
@@ -160,26 +162,28 @@ class Service:
 
     # --------------------------------------------------------------- cached image passes
 
-    def _cached(self, kind: str, image: np.ndarray, run) -> tuple[object, bool, float]:
-        """-> (run(image), whether it came from the cache, the seconds the pass took when it ran)."""
+    def _cached(self, kind: str, image: np.ndarray, run) -> tuple[object, bool, float, int | None]:
+        """-> (run(image), whether it came from the cache, the seconds the pass took when it ran, and the onnxruntime
+        threads it ran on: a pass that found the app idle ran on all the cores, `Bundle.solo_threads`)."""
         key = (kind, image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest())
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                value, seconds = self._cache[key]
-                return value, True, seconds
+                value, seconds, threads = self._cache[key]
+                return value, True, seconds, threads
         start = time.perf_counter()
         value = run(image)
         seconds = time.perf_counter() - start
+        threads = self.bundle.last_threads
         with self._lock:
             self.passes[kind] += 1
-            self._cache[key] = (value, seconds)
+            self._cache[key] = (value, seconds, threads)
             # per graph: a bound on all entries kept twice as many images when only one graph ran (160 MB of
             # student features of the vocabulary-head model, which are 10 MB an image)
             same = [k for k in self._cache if k[0] == kind]
             for old in same[: len(same) - self.cache_images]:
                 del self._cache[old]
-        return value, False, seconds
+        return value, False, seconds, threads
 
     def features(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
         """-> (student features 1 x D x h x w, whether they came from the cache)."""
@@ -242,15 +246,16 @@ class Service:
         """The student's segmentation and the teacher's own training-free one (its dense tokens against the
         same names, no unseen bias: the benchmarks' teacher row), with each image pass's time."""
         student = self.segment(image, names_text, templates_text, gamma)
-        _, _, student_pass = self._cached("student", image, self.bundle.image_features)
-        (_, dense), cached, teacher_pass = self._cached("teacher", image, self.bundle.teacher_tokens)
+        _, _, student_pass, student_threads = self._cached("student", image, self.bundle.image_features)
+        (_, dense), cached, teacher_pass, teacher_threads = self._cached("teacher", image, self.bundle.teacher_tokens)
         labels, _ = self.bundle.classify(dense[None], self._text(student.names, parse_templates(templates_text)),
                                          None, image.shape[:2], graph="cosine")
         others = []
         for label, other in self.others.items():  # each at its own bundle's gamma: its own training vocabulary
             seg = other.segment(image, names_text, templates_text)
             others.append((label, seg, other._cached("student", image, other.bundle.image_features)[2]))
-        return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached, others)
+        return Comparison(student.names, student.colors, labels, student, teacher_pass, student_pass, cached, others,
+                          teacher_threads, student_threads)
 
     def live_frame(self, frame: np.ndarray, names_text: str, templates_text: str | None = None,
                    gamma: float | None = None) -> tuple[np.ndarray, Segmentation]:
@@ -294,7 +299,9 @@ class Service:
                     notes.append(f"Only the first {MAX_VIDEO_SECONDS} s of the video were segmented.")
                     break
                 self.yield_to_foreground()
-                overlay, _ = self.live_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), names_text, templates_text, gamma)
+                with self.bundle.without_solo():  # a long job never takes every core (Bundle solo_threads)
+                    overlay, _ = self.live_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), names_text, templates_text,
+                                                 gamma)
                 if writer is None:
                     writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"VP80"), fps,
                                              (overlay.shape[1], overlay.shape[0]))

@@ -44,7 +44,7 @@ THUMB = 512  # longer side of gallery pictures
 LIVE_EVERY = 0.05  # seconds between camera frames sent to the server (at most 20 per second)
 LIVE_SECONDS = 600  # a camera stream is closed after this long
 LIVE_WINDOW = 20  # frames over which the live tab's frames per second are averaged
-KEEP_MASKS = 32  # result folders kept on disk (Gradio copies each file into its own cache)
+KEEP_MASKS = 32  # result folders kept on disk (videos, Compare's other models; Gradio copies each file into its cache)
 FOLDER_PREFIX = "clipteacher_masks_"  # + pid: folders of dead processes are removed at the next start
 log = logging.getLogger("clipteacher.app")
 
@@ -132,9 +132,11 @@ def inline_output(component):
     returns an Inline), so the browser shows the result without fetching a file: one HTTP round trip and one
     file written, hashed and copied into Gradio's cache fewer per output. Gradio leaves a FileData without a
     path where it is, and its components show and download a data URL as they do a file's URL."""
+    own = component.postprocess
+
     def postprocess(value):
         if not isinstance(value, Inline):
-            return None
+            return own(value)  # a path or an array, as the component takes them
         url = f"data:{value.mime};base64," + base64.b64encode(value.data).decode("ascii")
         # ImageData for gr.File too: the same fields as FileData, but its path may be empty
         return ImageData(url=url, orig_name=value.name, mime_type=value.mime, size=len(value.data))
@@ -270,14 +272,18 @@ class Handlers:
         picture = self._image(image)
         cmp = self.service.compare(picture, names, templates, gamma)
         warn(cmp.student.notes)
-        folder, stem = self._request_folder(), Path(str(image)).stem[:60] or "image"
+        stem = Path(str(image)).stem[:60] or "image"
+        folder = self._request_folder() if cmp.others else None  # the other models' gallery takes files
         pictures = [Inline.jpeg(pseudo_vis.overlay(picture, labels, svc.OVERLAY_OPACITY, cmp.colors), f"{stem}_{who}.jpg")
                     for who, labels in (("teacher", cmp.teacher), ("student", cmp.student.labels))]
         shares = {**svc.shares_of(cmp.teacher, cmp.names), **cmp.student.shares}
         agree = float((cmp.teacher == cmp.student.labels).mean())
         speed = cmp.teacher_seconds / max(cmp.student_seconds, 1e-9)
-        status = (f"Image pass: teacher **{1000 * cmp.teacher_seconds:.0f} ms**, student "
-                  f"**{1000 * cmp.student_seconds:.0f} ms** ({speed:.1f}x){' (from the cache: times of when they ran)' if cmp.cached else ''} · "
+        # a pass that found the app idle ran on every core (--solo-threads): a ratio only for passes run alike
+        alike = cmp.teacher_threads == cmp.student_threads
+        status = (f"Image pass: teacher **{1000 * cmp.teacher_seconds:.0f} ms**{threads_note(cmp.teacher_threads, alike)}, "
+                  f"student **{1000 * cmp.student_seconds:.0f} ms**{threads_note(cmp.student_threads, alike)}"
+                  f"{f' ({speed:.1f}x)' if alike else ''}{' (from the cache: times of when they ran)' if cmp.cached else ''} · "
                   f"the two agree on {agree:.0%} of the pixels · teacher: {self.service.bundle.teacher_kind}, "
                   f"no unseen bias; student: γ = {cmp.student.gamma:g} on names outside its training vocabulary")
         others = []
@@ -371,6 +377,11 @@ class Handlers:
     def info(self):
         """The loaded bundle: provider, training vocabulary, default gamma and templates."""
         return self.service.info()
+
+
+def threads_note(threads: int | None, alike: bool) -> str:
+    """' on N threads' when two passes being compared ran on different thread counts, else ''."""
+    return "" if alike else f" on {threads or 'all'} thread{'' if threads == 1 else 's'}"
 
 
 def examples_dir() -> Path:

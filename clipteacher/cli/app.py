@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     others = {}
     for path in args.compare_bundle:
         try:
-            other = Bundle(resolve_bundle(path), verbose=False, threads=threads, spin=concurrency == 1,
-                           solo_threads=solo_threads)
+            # no solo copies: they would double a ZegCLIP's CLIP image encoder, and Compare times the passes
+            other = Bundle(resolve_bundle(path), verbose=False, threads=threads, spin=concurrency == 1)
         except (StartupError, FileNotFoundError, ValueError, DeviceError) as err:
             print(f"error: --compare-bundle {path}: {err}", file=sys.stderr)
             return 2

@@ -30,6 +30,7 @@ image_features: embed_dim for a student; 2 x embed_dim for ZegCLIP, whose featur
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -115,9 +116,10 @@ class Bundle:
     verify: check every file's sha256 against bundle.json.
     threads: onnxruntime intra-op threads per session (None: onnxruntime's default, all cores).
     spin: let idle onnxruntime threads spin-wait (fastest alone; off when requests run concurrently).
-    solo_threads: on the CPU, a second session of the student and classifier graphs with this many intra-op
-        threads (never spinning) runs each of their calls that starts while no other call is running, so a lone
-        request uses all the cores and concurrent ones keep `threads` each (None: one session per graph).
+    solo_threads: on the CPU and with `threads` set lower, a second session of the student and classifier graphs
+        with this many intra-op threads (never spinning) runs each of their calls that starts while no other call
+        of this bundle is running, so a lone request uses all the cores and concurrent ones keep `threads` each
+        (None: one session per graph). Its sessions then share the process's CPU arena (`shared_cpu_arena`).
     """
 
     def __init__(self, folder: str | Path, precision: str = "fp32", providers: list[str] | None = None,
@@ -136,22 +138,17 @@ class Bundle:
         self.precision = precision
         self._student_file = meta["files"][key]
         self._options = ort.SessionOptions()
+        self.threads = int(threads) if threads else None  # None: onnxruntime's default (all cores)
         if threads:
             self._options.intra_op_num_threads = int(threads)
         if not spin:
             self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        shared = shared_cpu_arena()
-        if shared:
-            self._options.add_session_config_entry("session.use_env_allocators", "1")
         self._solo_options = None
-        self.solo_threads = None  # set when the solo sessions are in use
-        if solo_threads and int(solo_threads) > int(threads or 0):
+        if solo_threads and threads and int(solo_threads) > int(threads):
             self._solo_options = ort.SessionOptions()
             self._solo_options.intra_op_num_threads = int(solo_threads)
             # a spinning pool would hold the cores after the call, from the next request's Python work
             self._solo_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if shared:
-                self._solo_options.add_session_config_entry("session.use_env_allocators", "1")
         self.vocabulary: list[str] = meta["vocabulary"]
         self.gamma = float(meta["gamma"])
         self.logit_scale = float(meta["logit_scale"])
@@ -172,13 +169,20 @@ class Bundle:
         log.info(msg)
         if verbose:
             print(msg)
+        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {("student", False): self._student}
+        self._sessions_lock = threading.Lock()  # two requests must not build the same session twice
+        self.solo_threads = None  # set when the solo sessions are in use
         if self.provider != "CPUExecutionProvider":
             self._solo_options = None  # the threads do not matter on a GPU
         if self._solo_options is not None:
             self.solo_threads = int(solo_threads)
-        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {("student", False): self._student}
+            if shared_cpu_arena():  # the solo copies and the per-request sessions draw from one pool of memory
+                for options in (self._options, self._solo_options):
+                    options.add_session_config_entry("session.use_env_allocators", "1")
+                self._sessions[("student", False)] = self._student = self._session("student", rebuild=True)
         self._running = 0  # graph calls in flight (`_call` picks the solo session when there are none)
         self._running_lock = threading.Lock()
+        self._local = threading.local()  # per thread: `without_solo`, and the threads of its last call
         self.solo_calls = 0  # graph calls that ran on the solo session (tests and benches read it)
         self._tokenizer = None
 
@@ -201,31 +205,50 @@ class Bundle:
         self._student, chosen, self.fallback_reason = open_session(create, providers)
         return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
-    def _session(self, key: str, solo: bool = False) -> ort.InferenceSession:
+    def _session(self, key: str, solo: bool = False, rebuild: bool = False) -> ort.InferenceSession:
         """Lazily created session for meta['files'][key] (teacher and text encoder load only when used);
         solo: the one with `solo_threads` threads."""
-        if (key, solo) not in self._sessions:
-            file = self._student_file if key == "student" else self.meta["files"][key]
-            self._sessions[(key, solo)] = ort.InferenceSession(
-                str(self.folder / file), self._solo_options if solo else self._options, providers=self._providers)
-        return self._sessions[(key, solo)]
+        with self._sessions_lock:
+            if (key, solo) not in self._sessions or rebuild:
+                file = self._student_file if key == "student" else self.meta["files"][key]
+                self._sessions[(key, solo)] = ort.InferenceSession(
+                    str(self.folder / file), self._solo_options if solo else self._options, providers=self._providers)
+            return self._sessions[(key, solo)]
 
     def open_sessions(self) -> None:
         """Create every graph's session now (a server does so before its first request): the teacher, the text
         encoder, the classifiers and the solo copies."""
-        for key in self.meta["files"]:
-            if key in ("teacher", "text_encoder", "classifier", "cosine"):
+        for key in ("teacher", "text_encoder", "classifier", "cosine"):
+            if key in self.meta["files"]:
                 self._session(key)
         for key in SOLO_GRAPHS if self._solo_options is not None else ():
             self._session(key, solo=True)
+
+    @contextlib.contextmanager
+    def without_solo(self):
+        """Calls made by this thread inside the block never take the solo session (a long job, such as a video,
+        must not hold every core while people wait for images)."""
+        before = getattr(self._local, "no_solo", False)
+        self._local.no_solo = True
+        try:
+            yield
+        finally:
+            self._local.no_solo = before
+
+    @property
+    def last_threads(self) -> int | None:
+        """Intra-op threads of this thread's last graph call (None: onnxruntime's default, all cores)."""
+        return getattr(self._local, "threads", self.threads)
 
     def _call(self, key: str, feed: dict) -> list[np.ndarray]:
         """Run graph `key` on `feed` (names it does not take are left out: an exported graph drops inputs it does
         not use, such as CLIP's attention_mask), on the solo session when no other call is running."""
         with self._running_lock:
-            solo = self._solo_options is not None and self._running == 0 and key in SOLO_GRAPHS
+            solo = (self._solo_options is not None and self._running == 0 and key in SOLO_GRAPHS
+                    and not getattr(self._local, "no_solo", False))
             self._running += 1
             self.solo_calls += solo
+        self._local.threads = self.solo_threads if solo else self.threads
         try:
             sess = self._session(key, solo)
             return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
