@@ -113,7 +113,6 @@ def start_app(bundle: Path, port: int, log: Path, *args: str, env: dict | None =
 from clipteacher.train.datasets import write_synthetic_layout as make_official_layout  # noqa: E402,F401
 
 
-
 def _smoke_helpers():
     """docker/smoke_helpers.py (a script, not a package module): docker/smoke.sh's checks of a running app."""
     import importlib.util

@@ -99,7 +99,7 @@ def test_handlers(service, media):
 def test_solo_passes_leave_videos_alone_and_compare_times_both_passes_alike(bundle_dir, media, tmp_path):
     """With solo sessions (clipteacher-app --solo-threads), a lone Segment pass runs on both threads; video frames never
     do (a long job must not hold every core), and Compare times the student on the teacher's thread count (the
-    teacher has no solo copy), or gives no ratio when it could not."""
+    teacher has no solo copy), once per image."""
     from clipteacher.runtime import Bundle
 
     service = svc.Service(Bundle(bundle_dir, verbose=False, threads=1, spin=False, solo_threads=2))
@@ -111,6 +111,8 @@ def test_solo_passes_leave_videos_alone_and_compare_times_both_passes_alike(bund
     assert service.bundle.solo_calls == before + 2  # the student and the classifier, alone
     cmp = service.compare(svc.load_image(media / "picture.png")[0], "sky, grass")
     assert cmp.student_threads == cmp.teacher_threads == 1  # the student's pass timed again, as the teacher's ran
+    again = service.compare(svc.load_image(media / "picture.png")[0], "cow, sky")
+    assert again.student_threads == 1 and again.student_seconds == cmp.student_seconds  # kept: not timed again
     status = guarded(h.compare)(str(media / "picture.png"), "sky, grass", "", None)[3]
     assert "x)" in status.split("·")[0] and " thread" not in status.split("·")[0]  # a ratio of passes run alike
     from clipteacher.app.ui import threads_note

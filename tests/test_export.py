@@ -336,15 +336,15 @@ def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(b
     import threading
 
     bundle = Bundle(bundle_dir, verbose=False, threads=1, spin=False, solo_threads=2)
-    for options in (bundle._options, bundle._solo_options):  # both copies draw from the process's one arena
+    for options in (bundle._student.get_session_options(), bundle._solo_options):  # both draw from one arena
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     alone = bundle.segment(image, ["sky", "cow"])
     assert bundle.solo_calls == 2 and bundle.last_threads == 2  # the student and the classifier, on both threads
     bundle.embed_text(["a name never embedded"])
     assert bundle.solo_calls == 2 and bundle.last_threads == 1  # the text encoder has no solo copy
-    with bundle.without_solo():  # a long job's calls
-        np.testing.assert_array_equal(bundle.segment(image, ["sky", "cow"]), alone)
+    with bundle.without_solo():  # a long job's calls (1 thread against 2 may flip a tie)
+        assert float((bundle.segment(image, ["sky", "cow"]) == alone).mean()) > 0.99
     assert bundle.solo_calls == 2 and bundle.last_threads == 1
 
     solo = bundle._session("student", solo=True)

@@ -162,10 +162,14 @@ class Service:
 
     # --------------------------------------------------------------- cached image passes
 
+    @staticmethod
+    def _key(kind: str, image: np.ndarray) -> tuple:
+        return kind, image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()
+
     def _cached(self, kind: str, image: np.ndarray, run) -> tuple[object, bool, float, int | None]:
         """-> (run(image), whether it came from the cache, the seconds the pass took when it ran, and the onnxruntime
         threads it ran on: a pass that found the app idle ran on all the cores, `Bundle.solo_threads`)."""
-        key = (kind, image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest())
+        key = self._key(kind, image)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -246,13 +250,15 @@ class Service:
         """The student's segmentation and the teacher's own training-free one (its dense tokens against the
         same names, no unseen bias: the benchmarks' teacher row), with each image pass's time."""
         student = self.segment(image, names_text, templates_text, gamma)
-        _, _, student_pass, student_threads = self._cached("student", image, self.bundle.image_features)
+        features, _, student_pass, student_threads = self._cached("student", image, self.bundle.image_features)
         (_, dense), cached, teacher_pass, teacher_threads = self._cached("teacher", image, self.bundle.teacher_tokens)
         if student_threads != teacher_threads:  # the student ran alone on every core (solo_threads), the teacher
-            with self.bundle.without_solo():    # has no such copy: time the student as the teacher ran, once more
+            with self.bundle.without_solo():    # has no such copy: time the student as the teacher ran, once
                 start = time.perf_counter()
                 self.bundle.image_features(image)
                 student_pass, student_threads = time.perf_counter() - start, self.bundle.last_threads
+            with self._lock:  # the next Compare of this image reads this time
+                self._cache[self._key("student", image)] = (features, student_pass, student_threads)
         labels, _ = self.bundle.classify(dense[None], self._text(student.names, parse_templates(templates_text)),
                                          None, image.shape[:2], graph="cosine")
         others = []

@@ -179,7 +179,9 @@ class Bundle:
             if shared_cpu_arena():  # the solo copies and the per-request sessions draw from one pool of memory
                 for options in (self._options, self._solo_options):
                     options.add_session_config_entry("session.use_env_allocators", "1")
-                self._sessions[("student", False)] = self._student = self._session("student", rebuild=True)
+                del self._sessions[("student", False)]  # rebuilt with the option (not held twice meanwhile)
+                self._student = None
+                self._student = self._session("student")
         self._running = 0  # graph calls in flight (`_call` picks the solo session when there are none)
         self._running_lock = threading.Lock()
         self._local = threading.local()  # per thread: `without_solo`, and the threads of its last call
@@ -205,11 +207,14 @@ class Bundle:
         self._student, chosen, self.fallback_reason = open_session(create, providers)
         return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
-    def _session(self, key: str, solo: bool = False, rebuild: bool = False) -> ort.InferenceSession:
+    def _session(self, key: str, solo: bool = False) -> ort.InferenceSession:
         """Lazily created session for meta['files'][key] (teacher and text encoder load only when used);
         solo: the one with `solo_threads` threads."""
+        sess = self._sessions.get((key, solo))
+        if sess is not None:  # the common case, without waiting for a session being built for another graph
+            return sess
         with self._sessions_lock:
-            if (key, solo) not in self._sessions or rebuild:
+            if (key, solo) not in self._sessions:
                 file = self._student_file if key == "student" else self.meta["files"][key]
                 self._sessions[(key, solo)] = ort.InferenceSession(
                     str(self.folder / file), self._solo_options if solo else self._options, providers=self._providers)
