@@ -351,6 +351,10 @@ def main() -> None:
               f"{multi_throughput:.2f}/s  = {ratio:.2f}x   target >= 1.5x: {'met' if ratio >= 1.5 else 'MISSED'}, "
               f">= 1.8x (issue 23): {'met' if ratio >= 1.8 else 'MISSED'}")
         print(f"  CPU per concurrent request  server {ms(cpu_server)}  clients {ms(cpu_client)}")
+        # what the cores allow at this much work per request (the bench's clients run on the same cores)
+        limit = (os.cpu_count() or 1) / max(cpu_server + cpu_client, 1e-9)
+        print(f"  the cores' limit           {os.cpu_count()} cores / (server + clients' CPU per request) = "
+              f"{limit:.1f}/s; {args.clients} clients reached {multi_throughput / limit:.0%} of it")
         print(f"  server RSS                 {rss_start:.0f} MB after {count - remaining} requests, "
               f"{rss_end:.0f} MB after {count}")
         print(f"  format-string template     {refused}  in {ms(template_s)}, RSS {template_mb:+.1f} MB   "
