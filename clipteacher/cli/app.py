@@ -8,8 +8,8 @@ Without --bundle (or CLIPTEACHER_BUNDLE) it loads bundles/default, built from th
 `clipteacher-export` in a subprocess when missing or made from another checkpoint (the export needs
 torch, the app does not). Environment: CLIPTEACHER_BUNDLE, HOST, PORT, CLIPTEACHER_PRECISION,
 CLIPTEACHER_CONCURRENCY, CLIPTEACHER_QUEUE, CLIPTEACHER_THREADS, CLIPTEACHER_SOLO_THREADS,
-CLIPTEACHER_MAX_UPLOAD_MB, CLIPTEACHER_HUBNESS, CLIPTEACHER_DEVICE=auto|cuda|cpu (cuda: exit 2 with the reason instead of falling back to the CPU; see
-clipteacher/runtime/providers.py).
+CLIPTEACHER_MAX_UPLOAD_MB, CLIPTEACHER_HUBNESS, CLIPTEACHER_DEVICE=auto|cuda|cpu (cuda: exit 2 with the reason
+instead of falling back to the CPU; see clipteacher/runtime/providers.py).
 
 Serving: up to --concurrency model requests run at once (default: the cores, at most 4), each
 onnxruntime session using --threads intra-op threads (default: cores / concurrency, so concurrent
