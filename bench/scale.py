@@ -122,8 +122,8 @@ def serve_pids() -> list[int]:
             if a.pid and ("Segmenter" in (a.class_name or "") or "Proxy" in (a.class_name or ""))]
 
 
-def bench_serve(args, images, bundle_dir, replicas: int, port: int) -> tuple[float, float]:
-    """-> (throughput, busy cores) of the replicas' row."""
+def bench_serve(args, images, bundle_dir, replicas: int, port: int, front: bool) -> tuple[float, float]:
+    """-> (throughput, busy cores) of the replicas' row; front: also the app>serve2 row (with two replicas)."""
     from ray import serve
 
     from clipteacher.serve.ray_serve import Segmenter
@@ -152,7 +152,7 @@ def bench_serve(args, images, bundle_dir, replicas: int, port: int) -> tuple[flo
     cpu = sum(serve_bench.cpu_seconds(p) for p in pids) - cpu
     throughput = row(f"serve x{replicas}", seq, lat, errors, wall, cpu, args.clients * args.per_client, args.clients,
                      busy)
-    if replicas == 2 and "front" not in args.skip.split(","):  # the app as the deployment's front end (clipteacher-app --backend)
+    if replicas == 2 and front:  # the app as the deployment's front end (clipteacher-app --backend)
         bench_app(args, images, bundle_dir, "app>serve2", ["--backend", url], pids)
     serve.delete("clipteacher")
     return throughput, busy
@@ -208,7 +208,7 @@ def main() -> None:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for n in (1, 2):
-                results[f"serve{n}"], busy[f"serve{n}"] = bench_serve(args, images, bundle_dir, n, port)
+                results[f"serve{n}"], busy[f"serve{n}"] = bench_serve(args, images, bundle_dir, n, port, "front" not in skip)
             serve.shutdown()
         if "data" not in skip:
             more = serve_bench.make_images(tmp / "data", args.data_images) if (tmp / "data").mkdir() is None else []

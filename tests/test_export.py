@@ -336,7 +336,7 @@ def test_a_lone_pass_runs_on_the_solo_session_and_concurrent_ones_on_their_own(b
     import threading
 
     bundle = Bundle(bundle_dir, verbose=False, threads=1, spin=False, solo_threads=2)
-    for options in (bundle._student.get_session_options(), bundle._solo_options):  # both draw from one arena
+    for options in (bundle._session("student").get_session_options(), bundle._solo_options):  # both draw from one arena
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     alone = bundle.segment(image, ["sky", "cow"])

@@ -46,7 +46,6 @@ YIELD_SECONDS = 2.0  # longest a video frame waits for interactive requests to f
 class Segmentation:
     names: list[str]  # C class names as used (cleaned, deduplicated)
     labels: np.ndarray  # H x W int64 indices into names
-    logits: np.ndarray | None  # C x h x w float32 (feature resolution); None when a backend computed the labels
     shares: dict[str, float]  # share of pixels per present class, largest first
     colors: np.ndarray  # C x 3 uint8, the legend's and the mask PNG's palette
     seconds: float
@@ -220,11 +219,11 @@ class Service:
             features, cached = self.features(image)
         unseen = [n for n, out in zip(names, outside_vocabulary(names, self.bundle.vocabulary)) if out]
         try:
-            labels, logits = self.bundle.label_features(features, names, image.shape[:2], gamma, templates,
+            labels, _ = self.bundle.label_features(features, names, image.shape[:2], gamma, templates,
                                                         self.hubness)
         except ValueError as err:  # templates or names the text encoder refuses
             raise UserError(str(err)) from None
-        return Segmentation(names, labels, logits, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
+        return Segmentation(names, labels, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
                             time.perf_counter() - start, cached, gamma, unseen, notes)
 
     def segment_remote(self, image: np.ndarray, data: bytes, names_text: str, templates_text: str | None = None,
@@ -241,7 +240,7 @@ class Service:
                             "(another clipteacher version?).")
         info = self.backend_info
         unseen = [n for n, out in zip(names, outside_vocabulary(names, info["vocabulary"])) if out]
-        return Segmentation(names, labels, None, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
+        return Segmentation(names, labels, shares_of(labels, names), pseudo_vis.region_palette(len(names)),
                             time.perf_counter() - start, False, info.get("gamma", 0.0) if gamma is None else gamma,
                             unseen, notes, str(reply.get("replica", "")))
 

@@ -164,13 +164,13 @@ class Bundle:
         self.feature_dim = int(model.get("feature_dim", self.embed_dim))  # channels of image_features (2 D for ZegCLIP)
         self.clear_text_cache()
 
+        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {}  # (graph, solo) -> session
+        self._sessions_lock = threading.Lock()  # two requests must not build the same session twice
         self.provider, self._providers = self._choose_provider(meta["files"][key], providers)
         msg = f"clipteacher.runtime.bundle: {self.folder.name} on {self.provider} ({precision} student)"
         log.info(msg)
         if verbose:
             print(msg)
-        self._sessions: dict[tuple[str, bool], ort.InferenceSession] = {("student", False): self._student}
-        self._sessions_lock = threading.Lock()  # two requests must not build the same session twice
         self.solo_threads = None  # set when the solo sessions are in use
         if self.provider != "CPUExecutionProvider":
             self._solo_options = None  # the threads do not matter on a GPU
@@ -180,8 +180,7 @@ class Bundle:
                 for options in (self._options, self._solo_options):
                     options.add_session_config_entry("session.use_env_allocators", "1")
                 del self._sessions[("student", False)]  # rebuilt with the option (not held twice meanwhile)
-                self._student = None
-                self._student = self._session("student")
+                self._session("student")
         self._running = 0  # graph calls in flight (`_call` picks the solo session when there are none)
         self._running_lock = threading.Lock()
         self._local = threading.local()  # per thread: `without_solo`, and the threads of its last call
@@ -204,7 +203,7 @@ class Bundle:
         def create(wanted: list[str]) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.folder / student_file), self._options, providers=wanted)
 
-        self._student, chosen, self.fallback_reason = open_session(create, providers)
+        self._sessions[("student", False)], chosen, self.fallback_reason = open_session(create, providers)
         return chosen, [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
 
     def _session(self, key: str, solo: bool = False) -> ort.InferenceSession:

@@ -21,6 +21,7 @@ import urllib.request
 
 import numpy as np
 
+from clipteacher.io import read_label_file
 from clipteacher.request import UserError
 
 MAX_REPLY_BYTES = 64_000_000  # a reply's mask PNG of the largest accepted image is far smaller
@@ -84,10 +85,7 @@ class ServeClient:
                      if v is not None})
         reply = self._call(json.dumps(body).encode())
         try:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(base64.b64decode(reply["mask_png"], validate=True))) as im:
-                labels = np.asarray(im).astype(np.int64)
+            labels = read_label_file(io.BytesIO(base64.b64decode(reply["mask_png"], validate=True))).astype(np.int64)
             classes = reply["classes"]
             shape = (int(reply["height"]), int(reply["width"]))
         except (KeyError, TypeError, ValueError, binascii.Error, OSError):

@@ -151,27 +151,17 @@ def evaluate(student, folder: SegmentationFolder, text: torch.Tensor, bias: torc
     device = device or torch.device("cpu")
     info = folder.info
     c = len(info.classes)
-    extra = int(text.shape[0] > c)
-    cm = ConfusionMatrix(c + extra, info.ignore_index)
-    won = torch.zeros(text.shape[0] - c, dtype=torch.int64)  # labelled pixels each distractor name wins
+    cm = ConfusionMatrix(text.shape[0], info.ignore_index)  # a column per distractor name; their rows stay zero
     for logits, label in image_logits(student, folder, text, scale, bias, size, window, rank, world, device,
                                       progress, limit, unseen):
-        pred = logits.argmax(1)[0].cpu()
-        cm.update(pred.clamp(max=c).numpy(), label)  # every distractor is column c
-        if extra:
-            won += torch.bincount(pred[torch.from_numpy(label != info.ignore_index) & (pred >= c)] - c,
-                                  minlength=len(won))
+        cm.update(logits.argmax(1)[0].cpu().numpy(), label)
     if world > 1:
         matrix = torch.from_numpy(cm.matrix).to(device)  # NCCL reduces GPU tensors only
         dist.all_reduce(matrix)
         cm.matrix = matrix.cpu().numpy()
-        if extra:
-            won = won.to(device)
-            dist.all_reduce(won)
-            won = won.cpu()
     result = summarize(cm.matrix, info.classes, info.unseen, absent)
-    if extra:  # share of the labelled pixels per distractor (index into the names after the dataset's)
-        result["distractor_wins"] = (won.double() / max(int(cm.matrix.sum()), 1) * 100).tolist()
+    if text.shape[0] > c:  # share of the labelled pixels per distractor (index into the names after the dataset's)
+        result["distractor_wins"] = (cm.matrix[:c, c:].sum(0) / max(int(cm.matrix.sum()), 1) * 100).tolist()
     return result
 
 

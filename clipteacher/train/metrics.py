@@ -55,19 +55,19 @@ ABSENT_RULES = ("mmseg", "gt_only")
 def summarize(matrix: np.ndarray, classes: list[str], unseen: list[str], absent: str = "mmseg") -> dict:
     """Percentages: pAcc, mIoU over all / seen / unseen classes, hIoU, and per-class IoU.
 
-    matrix: C x C (rows ground truth), or (C + 1) x (C + 1) whose last column counts pixels predicted as a name
-    outside the dataset (a distractor, `clipteacher-eval --distractors`): errors for their ground-truth class,
-    never a class of the means; "distractor_share" is their share of the pixels. absent="mmseg": a class enters
+    matrix: C x C (rows ground truth), or (C + N) x (C + N) whose last N columns count pixels predicted as names
+    outside the dataset (distractors, `clipteacher-eval --distractors`; their rows are empty): errors for their
+    ground-truth class, never a class of the means; "distractor_share" is their share of the pixels. absent="mmseg": a class enters
     the means when its union is positive (predicted but never in the ground truth -> IoU 0 counts); classes in
     neither are NaN, skipped, and null in per_class. absent="gt_only": only classes present in the ground truth count.
     """
     if absent not in ABSENT_RULES:
         raise ValueError(f"absent must be one of {', '.join(ABSENT_RULES)}; got {absent!r}")
     extra = matrix.shape[0] - len(classes)
-    if extra not in (0, 1) or (extra and matrix[-1].any()):
-        raise ValueError(f"a {matrix.shape[0]}-row matrix for {len(classes)} classes: only one extra column, "
-                         f"of predictions, may follow")
-    distractor = float(matrix[:, -1].sum() / max(matrix.sum(), 1) * 100) if extra else None
+    if extra < 0 or matrix[len(classes):].any():
+        raise ValueError(f"a {matrix.shape[0]}-row matrix for {len(classes)} classes: only columns of predictions "
+                         f"(distractor names, with empty rows) may follow")
+    distractor = float(matrix[:, len(classes):].sum() / max(matrix.sum(), 1) * 100) if extra else None
     iou = iou_per_class(matrix)[: len(classes)]
     matrix = matrix[: len(classes)]  # rows: ground truth; pAcc's total keeps the distractor column
     counted = ~np.isnan(iou) if absent == "mmseg" else matrix.sum(1) > 0
